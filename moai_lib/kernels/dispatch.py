@@ -1,0 +1,126 @@
+"""The one place that chooses a kernel backend.
+
+Backends:
+- ``reference``: the sequential pure-torch oracle (`reference.py`); slow, any device.
+- ``torch``: the fast pure-torch path (`cpu.py`): chunked parallel scan; any device, differentiable.
+- ``mamba_ssm``: state-spaces/mamba's CUDA kernels, when the optional package is installed with them.
+- ``auto``: the fastest available for the tensors' device; on CUDA without a GPU kernel it falls back to
+  ``torch`` and warns once.
+
+Asking explicitly for a backend that is unavailable raises `BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import warnings
+
+import torch
+
+from . import reference
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "torch", "mamba_ssm")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested kernel backend cannot run here."""
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_ssm_ops():
+    """Import mamba-ssm's CUDA kernels; returns the module or the reason they are unavailable."""
+    if not torch.cuda.is_available():
+        return "mamba_ssm needs a CUDA GPU"
+    try:
+        ops = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+        importlib.import_module("selective_scan_cuda")
+    except Exception as exc:  # ImportError, or a CUDA build that does not match this torch
+        return f"mamba_ssm CUDA kernels are not importable ({type(exc).__name__}: {exc}); " \
+               "install them with `pip install mamba-ssm causal-conv1d --no-build-isolation`"
+    return ops
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    logger.warning(message)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on `device` in this environment (without 'auto')."""
+    device = torch.device(device)
+    names = ["reference", "torch"]
+    if device.type == "cuda" and not isinstance(_mamba_ssm_ops(), str):
+        names.append("mamba_ssm")
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Map a requested backend to a concrete one for `device`, raising if an explicit one cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        if "mamba_ssm" in available_backends(device):
+            return "mamba_ssm"
+        _warn_once(
+            "no GPU selective-scan kernel is available (mamba_ssm CUDA kernels not installed); "
+            "falling back to the pure-torch chunked scan, which is much slower on GPU"
+        )
+        return "torch"
+    if backend == "mamba_ssm":
+        ops = _mamba_ssm_ops() if device.type == "cuda" else "mamba_ssm needs tensors on a CUDA GPU"
+        if isinstance(ops, str):
+            raise BackendUnavailableError(f"backend 'mamba_ssm' is unavailable: {ops}")
+    return backend
+
+
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    return_last_state=False, initial_state=None, backend: str = "auto",
+):
+    """Selective scan with the semantics of `reference.selective_scan_ref` (shapes documented there)."""
+    name = resolve_backend(backend, u.device)
+    if name == "reference":
+        fn = reference.selective_scan_ref
+    elif name == "torch":
+        from .cpu import selective_scan_chunked as fn
+    else:
+        if initial_state is not None:
+            raise BackendUnavailableError(
+                "backend 'mamba_ssm' does not accept an initial state; use backend='torch' to continue "
+                "a scan from a cached state"
+            )
+        fn = _mamba_ssm_ops().selective_scan_fn
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           backend: str = "auto"):
+    """One decode step of the scan; updates `state` (B, D, N) in place. See `reference`."""
+    name = resolve_backend(backend, x.device)
+    if name == "mamba_ssm":
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as fn
+
+        return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    return reference.selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None,
+                  backend: str = "auto"):
+    """Depthwise causal conv1d (B, D, L). The torch conv is already fast on every device."""
+    resolve_backend(backend, x.device)
+    return reference.causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, activation)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend: str = "auto"):
+    """One decode step of the causal conv; updates `conv_state` (B, D, W-1) in place."""
+    resolve_backend(backend, x.device)
+    return reference.causal_conv1d_update_ref(x, conv_state, weight, bias, activation)

@@ -1,0 +1,73 @@
+"""Causal LM loss without materialising the full fp32 (B, L, V) logits.
+
+With a 128K vocabulary, B=8 and L=2048, full fp32 logits are 8.4 GB (and as much again for their
+gradient). `chunked_causal_lm_loss` computes the LM head and cross-entropy over chunks of tokens, each
+under activation checkpointing, so at most one chunk's logits (chunk_size × V fp32) live at a time in the
+forward and in the backward. The price is one extra LM-head matmul per chunk in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    logits = F.linear(hidden, weight).float()  # (T, V)
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+def shift_labels(labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """labels (B, L) → targets (B, L-1) for positions 0..L-2, with padding (mask == 0) ignored."""
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, ignore_index)
+    return labels[:, 1:]
+
+
+def chunked_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 1024,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy.
+
+    hidden_states: (B, L, d) final-norm outputs; lm_head_weight: (V, d); labels: (B, L) token ids or
+    `ignore_index` (the model shifts them: position t predicts labels[t+1]). attention_mask (B, L) marks
+    padding to ignore. `num_items_in_batch`, when given (gradient accumulation), replaces the number of
+    counted tokens in the mean. Returns a scalar fp32 tensor (0 when no token counts).
+    """
+    if labels.shape != hidden_states.shape[:2]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match input shape {tuple(hidden_states.shape[:2])}")
+    targets = shift_labels(labels, attention_mask, ignore_index).reshape(-1)
+    hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= lm_head_weight.shape[0]))
+    if bad.any():
+        raise ValueError(
+            f"labels contain ids outside [0, {lm_head_weight.shape[0]}) (e.g. {targets[bad][0].item()}); "
+            f"use {ignore_index} for positions that should not count"
+        )
+    total = hidden.new_zeros((), dtype=torch.float32)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if not bool((y != ignore_index).any()):
+            continue
+        if needs_grad:
+            total = total + checkpoint(_chunk_nll_sum, h, lm_head_weight, y, ignore_index, use_reentrant=False)
+        else:
+            total = total + _chunk_nll_sum(h, lm_head_weight, y, ignore_index)
+    denom = num_items_in_batch if num_items_in_batch is not None else valid.sum()
+    if isinstance(denom, torch.Tensor):
+        denom = denom.to(total.device).clamp(min=1)
+    else:
+        denom = max(int(denom), 1)
+    return total / denom
