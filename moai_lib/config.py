@@ -16,8 +16,12 @@ plus the embedding V·d and, when untied, the LM head V·d (V = 128,000).
   16b: d=5120, 48 layers. Mixer 164.4M/layer → 7.89B; embeddings 2·655M = 1.31B;
        MLP I = 9728 = 1.9d: 3·5120·9728 = 149.4M/layer → 7.17B.         Total ≈ 16.37B (target 16.4B)
 
-The small presets (130m, 370m, 1b) use the same 128K vocabulary with tied embeddings, so that every
-preset can take the users' 128K tokenizers unchanged; `tiny` is for CPU tests.
+The small presets use the same 128K vocabulary with tied embeddings, so that every preset takes the users'
+128K tokenizers unchanged (exact counts: 130m 130.4M, 370m 376.2M, 1b 1.008B, 2b 2.065B, 8b 8.281B,
+16b 16.375B):
+  130m: d=512,  16 layers, I=1536 (3d)     370m: d=1024, 16 layers, I=2816 (2.75d)
+  1b  : d=1536, 24 layers, I=4096 (2.67d)
+`tiny` (d=64, 2 layers, vocab 512) is for CPU tests.
 """
 
 from __future__ import annotations
@@ -201,7 +205,7 @@ class MoaiMambaConfig(PretrainedConfig):
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  tie_word_embeddings=True, max_position_embeddings=2048),
-    "130m": dict(vocab_size=128000, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+    "130m": dict(vocab_size=128000, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
                  tie_word_embeddings=True),
     "370m": dict(vocab_size=128000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
                  tie_word_embeddings=True),

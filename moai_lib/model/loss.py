@@ -34,7 +34,7 @@ def chunked_causal_lm_loss(
     labels: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy.

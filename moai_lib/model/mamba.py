@@ -76,6 +76,15 @@ class MambaMixer(nn.Module):
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round A_log and D: exp(Δ·A) and the D skip are precision-sensitive
+        # (state-spaces/mamba keeps them fp32 too). Device moves still apply.
+        super()._apply(fn, recurse)
+        for p in (self.A_log, self.D):
+            if p.dtype != torch.float32 and p.is_floating_point():
+                p.data = p.data.float()
+        return self
+
     @property
     def backend(self) -> str:
         return self.config.kernel_backend if self.config.use_fast_scan else "reference"
@@ -195,6 +204,7 @@ class MoaiMambaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "backbone"
     main_input_name = "input_ids"
     _no_split_modules = ["MambaBlock"]
+    _keep_in_fp32_modules = ["A_log", "D"]
     supports_gradient_checkpointing = True
     _is_stateful = True
     _keys_to_ignore_on_load_unexpected = [r"\.rotary_emb\."]
@@ -332,10 +342,12 @@ class MoaiMambaForCausalLM(MoaiMambaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backbone = MoaiMambaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
-        self.loss_chunk_size = 1024
+        self.loss_chunk_size = 512  # tokens per loss chunk: see benchmarks/bench_chunked_loss.py
         self.post_init()
         if config.use_checkpoint:
-            self.gradient_checkpointing_enable()
+            # `activation_checkpointing_enable` replaced `gradient_checkpointing_enable` in transformers 5.2x.
+            enable = getattr(self, "activation_checkpointing_enable", None) or self.gradient_checkpointing_enable
+            enable()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.backbone.embedding
