@@ -89,7 +89,7 @@ def read_prompts(path: str) -> list[str]:
     if not file.name.endswith(".jsonl") and not all(o is not None for o in objects):
         return [line for _, line in lines]
     prompts = []
-    for (number, _), obj in zip(lines, objects):
+    for (number, _), obj in zip(lines, objects, strict=True):
         if obj is None:
             raise UsageError(f"{path}:{number}: not a JSON object (a .jsonl input needs one object per line)")
         prompt = obj.get("prompt", obj.get("text"))
@@ -237,7 +237,7 @@ def _chat(model, tokenizer, sampling: dict) -> int:
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             prompt = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-        print("assistant>", end="", flush=True)
+        print("assistant> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         reply = generate_text(model, tokenizer, [prompt], streamer=streamer, add_special_tokens=not template,
                               **sampling)[0]

@@ -30,7 +30,7 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested kernel backend cannot run here."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mamba_ssm_ops():
     """Import mamba-ssm's CUDA kernels; returns the module or the reason they are unavailable."""
     if not torch.cuda.is_available():
@@ -44,7 +44,7 @@ def _mamba_ssm_ops():
     return ops
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
     logger.warning(message)

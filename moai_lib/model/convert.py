@@ -229,7 +229,8 @@ def _key_hints(config: MoaiMambaConfig, missing: list[str], unexpected: list[str
         hints.append(f"MLP weights disagree with intermediate_size={config.intermediate_size}")
     if "lm_head.weight" in missing:
         hints.append("the config says tie_word_embeddings=False but there is no lm_head.weight")
-    layers = {int(k.split(".")[2]) for k in unexpected if k.startswith("backbone.layers.")}
+    parts = [k.split(".") for k in unexpected if k.startswith("backbone.layers.")]
+    layers = {int(p[2]) for p in parts if p[2].isdigit()}
     if layers and max(layers) >= config.num_hidden_layers:
         hints.append(f"the weights have layer {max(layers)} but num_hidden_layers={config.num_hidden_layers}")
     return hints
@@ -244,7 +245,12 @@ def _load_into_model(config: MoaiMambaConfig, state_dict: dict[str, torch.Tensor
     with torch.device("meta"):
         model = MoaiMambaForCausalLM(config)
     model.to(dtype)  # A_log and D stay fp32 (MambaMixer._apply)
+    # to_empty makes new Parameter objects: keep their Python attributes (e.g. A_log/D `_no_weight_decay`).
+    marks = {name: dict(vars(p)) for name, p in model.named_parameters() if vars(p)}
     model.to_empty(device="cpu")  # storage only: every tensor is overwritten below
+    for name, p in model.named_parameters():
+        for key, value in marks.get(name, {}).items():
+            setattr(p, key, value)
     tied = config.tie_word_embeddings
     if tied:
         model.tie_weights()
@@ -267,7 +273,8 @@ def _load_into_model(config: MoaiMambaConfig, state_dict: dict[str, torch.Tensor
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
              for k, v in state_dict.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
-        raise ConversionError(f"{source}: tensor shapes do not match the config:\n  " + "\n  ".join(wrong[:_MAX_LISTED]))
+        raise ConversionError(f"{source}: tensor shapes do not match the config:\n  "
+                              + "\n  ".join(wrong[:_MAX_LISTED]))
     if tied and "lm_head.weight" in state_dict:
         if not torch.equal(state_dict["lm_head.weight"], state_dict[OUR_EMBEDDING + "weight"]):
             raise ConversionError(f"{source}: the config ties the embeddings (tie_embeddings/tie_word_embeddings) "
@@ -285,7 +292,7 @@ def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         return load_file(path / "model.safetensors")
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return _read_shards(path, index, lambda f: load_file(f))
+        return _read_shards(path, index, load_file)
     pickles = [p for p in (path / "pytorch_model.bin", path / "pytorch_model.bin.index.json") if p.is_file()]
     if not pickles:
         raise ConversionError(f"{path}: no weights found (looked for model.safetensors, "
@@ -299,10 +306,16 @@ def _read_weights(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
     def read_bin(file: Path) -> dict[str, torch.Tensor]:
         try:
-            return torch.load(file, map_location="cpu", weights_only=True)
+            state_dict = torch.load(file, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise ConversionError(f"{file}: refused by torch.load(weights_only=True), it holds more than "
                                   f"tensors: {exc}") from None
+        if not isinstance(state_dict, dict):
+            raise ConversionError(f"{file}: expected a state dict of tensors, got a {type(state_dict).__name__}")
+        bad = sorted(str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+        if bad:
+            raise ConversionError(f"{file}: expected a state dict of tensors; non-tensor entries: {_listed(bad)}")
+        return state_dict
 
     if pickles[0].name == "pytorch_model.bin":
         return read_bin(pickles[0])

@@ -89,7 +89,7 @@ def generate_completions(
                 raise ValueError(f"prompt {start + i} encodes to no tokens")
         input_ids, attention_mask = _pad_left(encoded, pad_id, model.device)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **options)
-        for prompt, new_ids in zip(batch, output[:, input_ids.shape[1]:].tolist()):
+        for prompt, new_ids in zip(batch, output[:, input_ids.shape[1]:].tolist(), strict=True):
             # Finished rows are padded after their eos: keep what precedes the first eos.
             stop = new_ids.index(eos_id) if eos_id is not None and eos_id in new_ids else len(new_ids)
             text = tokenizer.decode(new_ids[:stop], skip_special_tokens=True)

@@ -45,7 +45,9 @@ def chunked_causal_lm_loss(
     counted tokens in the mean. Returns a scalar fp32 tensor (0 when no token counts).
     """
     if labels.shape != hidden_states.shape[:2]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match input shape {tuple(hidden_states.shape[:2])}")
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match input shape {tuple(hidden_states.shape[:2])}"
+        )
     targets = shift_labels(labels, attention_mask, ignore_index).reshape(-1)
     hidden = hidden_states[:, :-1].reshape(-1, hidden_states.shape[-1])
     valid = targets != ignore_index

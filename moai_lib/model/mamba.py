@@ -34,6 +34,7 @@ from transformers.utils import ModelOutput
 from ..config import MoaiMambaConfig
 from ..kernels import dispatch
 from .cache import MoaiMambaCache
+from .inputs import check_input_ids
 from .loss import chunked_causal_lm_loss
 
 
@@ -275,22 +276,6 @@ class MoaiMambaModel(MoaiMambaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embedding = value
 
-    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty (sequence length 0); give at least one token")
-        if torch.compiler.is_compiling():
-            return
-        vocab = self.embedding.num_embeddings
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"input id {bad} is outside the model's vocabulary [0, {vocab}); the tokenizer does not match "
-                f"this model (resize the embeddings with `model.resize_token_embeddings(len(tokenizer))`)"
-            )
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -305,7 +290,7 @@ class MoaiMambaModel(MoaiMambaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            self._check_input_ids(input_ids)
+            check_input_ids(input_ids, self.embedding.num_embeddings)
             inputs_embeds = self.embedding(input_ids)
         batch, length = inputs_embeds.shape[:2]
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
@@ -403,7 +388,9 @@ class MoaiMambaForCausalLM(MoaiMambaPreTrainedModel, GenerationMixin):
         loss = logits = None
         if labels is not None:
             loss = chunked_causal_lm_loss(
-                hidden_states.to(self.lm_head.weight.dtype), self.lm_head.weight, labels, attention_mask,
+                # Only the real vocabulary rows: padding rows must not take softmax mass.
+                hidden_states.to(self.lm_head.weight.dtype), self.lm_head.weight[: self.config.vocab_size],
+                labels, attention_mask,
                 chunk_size=self.loss_chunk_size, num_items_in_batch=num_items_in_batch,
             )
         if labels is None or return_logits:

@@ -14,7 +14,7 @@ loss, `cache=` holds HF's `DynamicCache`), so speed, memory and quality comparis
 
 Preset sizes. Each preset keeps the Mamba preset's width d, depth, vocabulary (V = 128,000, padded to a
 multiple of 8) and tying, so embeddings are identical; the attention layer is smaller than Mamba's mixer
-(≈4d² vs ≈6.5d²), and the SwiGLU width I takes up the difference. Per layer, with H query heads,
+(≈4d² vs ≈6.3d²), and the SwiGLU width I takes up the difference. Per layer, with H query heads,
 K key/value heads of h dims:
 
     q_proj d·Hh + k_proj d·Kh + v_proj d·Kh + o_proj Hh·d = d·h·(2H + 2K);  SwiGLU 3·d·I;  norms 2d
@@ -141,10 +141,8 @@ class MoaiTransformerConfig(PretrainedConfig):
         H, K, d = self.num_attention_heads, self.num_key_value_heads, self.hidden_size
         if self.head_dim is None:
             if d % H:
-                raise ConfigError(
-                    f"hidden_size={d} is not divisible by num_attention_heads={H}; choose a head count that "
-                    f"divides it (e.g. {d // 64 or 1} heads of 64) or set head_dim explicitly"
-                )
+                raise ConfigError(f"hidden_size={d} is not divisible by num_attention_heads={H}; choose a head "
+                                  "count that divides it or set head_dim explicitly")
         elif isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
             raise ConfigError(f"head_dim must be None or an integer > 0, got {self.head_dim!r}")
         h = self.head_dim if self.head_dim is not None else d // H
@@ -235,13 +233,13 @@ def build_attention_mask(padding_mask: torch.Tensor | None, q_len: int, past: in
 
     Query i (absolute index past + i) sees key j when j ≤ past + i and key j is not padding
     (`padding_mask` (B, Lk), 1 = real token). Every query also sees itself, so a left-padding query has
-    one key rather than none (SDPA returns NaN for a fully masked row); padded outputs are never used.
+    one key rather than none (some SDPA kernels return NaN for a fully masked row); padded outputs are unused.
     """
     q_idx = torch.arange(past, past + q_len, device=device)[:, None]  # (Lq, 1)
     k_idx = torch.arange(past + q_len, device=device)[None, :]  # (1, Lk)
     mask = (k_idx <= q_idx)[None, None]  # (1, 1, Lq, Lk)
     if padding_mask is not None:
-        mask = (mask & padding_mask.bool()[:, None, None, :])  # (B, 1, Lq, Lk)
+        mask = (mask & padding_mask.bool()[:, None, None, :]) | (k_idx == q_idx)  # (B, 1, Lq, Lk)
     return mask
 
 
@@ -458,7 +456,9 @@ class MoaiTransformerForCausalLM(MoaiTransformerPreTrainedModel, GenerationMixin
         if labels is not None:
             mask = attention_mask[:, -hidden_states.shape[1]:] if attention_mask is not None else None
             loss = chunked_causal_lm_loss(
-                hidden_states.to(self.lm_head.weight.dtype), self.lm_head.weight, labels, mask,
+                # Only the real vocabulary rows: padding rows must not take softmax mass.
+                hidden_states.to(self.lm_head.weight.dtype), self.lm_head.weight[: self.config.vocab_size],
+                labels, mask,
                 chunk_size=self.loss_chunk_size, num_items_in_batch=num_items_in_batch,
             )
         if labels is None or return_logits:

@@ -20,7 +20,7 @@ import types
 import pytest
 
 MAMBA_SSM_INSTALL = ("MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation --no-deps "
-                     "mamba-ssm==2.3.2.post1 (needs einops)")
+                     "mamba-ssm==2.3.2.post1 (it also needs einops and triton at import time)")
 
 
 def _is_mamba_ssm_module(name: str) -> bool:

@@ -37,6 +37,15 @@ HIDDEN, LAYERS, VOCAB = 64, 3, 256
 NEW_TOKENS = 6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: intra-op threads only add synchronisation (very costly on a loaded 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def perturb_(model: torch.nn.Module, seed: int = 1) -> None:
     """Move the SSM parameters and norms off their init values (same rule for our and the reference models)."""
     gen = torch.Generator().manual_seed(seed)
@@ -73,6 +82,20 @@ def assert_nontrivial(logits: torch.Tensor) -> None:
     assert logits.std() > 0.1 and (logits[:, -1] - logits[:, 0]).abs().max() > 0.1
 
 
+def assert_same_greedy_generation(model, hf, ids):
+    """HF `generate` on both: prefill, then recurrent decoding steps; same tokens, same logits at every step."""
+    hf.generation_config.eos_token_id = None  # HF's default eos 0 would stop generation early
+    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_logits=True,
+               attention_mask=torch.ones_like(ids), pad_token_id=0)
+    with torch.no_grad():
+        ours = model.generate(ids, **gen)
+        theirs = hf.generate(ids, **gen)
+    assert ours.sequences.shape == (ids.shape[0], ids.shape[1] + NEW_TOKENS)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (a, b) in enumerate(zip(ours.logits, theirs.logits, strict=True)):
+        assert_close(a, b, f"decoding step {step} logits vs HF")
+
+
 # (a) HF transformers MambaForCausalLM -------------------------------------------------------------------------
 @pytest.fixture(params=[True, False], ids=["tied", "untied"])
 def tie(request):
@@ -85,24 +108,18 @@ def test_hf_from_pretrained_matches(tie, tmp_path):
     hf = MambaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert hf.config.vocab_size == VOCAB and hf.config.intermediate_size == 2 * HIDDEN
     assert (hf.lm_head.weight is hf.backbone.embeddings.weight) == tie
-    hf.generation_config.eos_token_id = None  # HF's default eos 0 would stop generation early
+    assert hf.config.eos_token_id is None  # exported from our config (HF's default would be 0)
+    # Every tensor arrives unchanged (transformers 5.24 rescales out_proj on load if rescale_prenorm_residual).
+    hf_sd = hf.state_dict()
+    for name, tensor in state_dict_to_hf_mamba(model.state_dict()).items():
+        assert torch.equal(hf_sd[name], tensor), name
     ids = prompt()
     with torch.no_grad():
         ours = model(ids, use_cache=False).logits
         theirs = hf(ids, use_cache=False).logits
     assert_nontrivial(ours)
     assert_close(ours, theirs, "logits vs HF MambaForCausalLM")
-
-    # Greedy generation: prefill + recurrent decoding steps on both sides.
-    gen = dict(max_new_tokens=NEW_TOKENS, do_sample=False, return_dict_in_generate=True, output_logits=True,
-               attention_mask=torch.ones_like(ids), pad_token_id=0)
-    with torch.no_grad():
-        ours_gen = model.generate(ids, **gen)
-        hf_gen = hf.generate(ids, **gen)
-    assert ours_gen.sequences.shape == (2, ids.shape[1] + NEW_TOKENS)
-    assert torch.equal(ours_gen.sequences, hf_gen.sequences)
-    for step, (a, b) in enumerate(zip(ours_gen.logits, hf_gen.logits, strict=True)):
-        assert_close(a, b, f"decoding step {step} logits vs HF")
+    assert_same_greedy_generation(model, hf, ids)
 
 
 def test_hf_direct_state_dict_mapping(tie):
@@ -110,6 +127,7 @@ def test_hf_direct_state_dict_mapping(tie):
     hf = MambaForCausalLM(MambaConfig(**config_to_hf_mamba(model.config))).eval()
     hf.load_state_dict(state_dict_to_hf_mamba(model.state_dict()), strict=True)
     ids = prompt()
+    assert_same_greedy_generation(model, hf, ids)
     with torch.no_grad():
         ours = model(ids, use_cache=False).logits
         assert_close(ours, hf(ids, use_cache=False).logits, "logits vs HF (state-dict mapping)")

@@ -86,7 +86,7 @@ def test_mamba_ssm_config_refusals(overrides, message):
     (dict(intermediate_size=100), r"intermediate_size=100 is not expand·hidden_size=64"),
 ])
 def test_hf_config_refusals(overrides, message):
-    cfg = dict(model_type="mamba", vocab_size=64, hidden_size=32, num_hidden_layers=2, **overrides)
+    cfg = {**dict(model_type="mamba", vocab_size=64, hidden_size=32, num_hidden_layers=2), **overrides}
     with pytest.raises(ConversionError, match=message):
         config_from_hf_mamba(cfg)
 
@@ -204,6 +204,9 @@ def test_pickle_is_opt_in_and_weights_only(tmp_path):
     write_dir(tmp_path / "bad", mamba_ssm_config(), {"x": NotATensor()}, pickle=True)
     with pytest.raises(ConversionError, match=r"refused by torch\.load\(weights_only=True\)"):
         load_external_checkpoint(tmp_path / "bad", allow_pickle=True)
+    write_dir(tmp_path / "odd", mamba_ssm_config(), {"step": 3}, pickle=True)
+    with pytest.raises(ConversionError, match="non-tensor entries: step"):
+        load_external_checkpoint(tmp_path / "odd", allow_pickle=True)
 
 
 def test_safetensors_preferred_over_pickle(tmp_path):

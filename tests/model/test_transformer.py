@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moai_lib.config import ConfigError, get_mamba_config, preset_names
-from moai_lib.model.mamba import MoaiMambaForCausalLM
 from moai_lib.model import transformer
+from moai_lib.model.mamba import MoaiMambaForCausalLM
 from moai_lib.model.transformer import (
     MoaiTransformerConfig,
     MoaiTransformerForCausalLM,
@@ -172,6 +172,16 @@ def test_generate_equals_manual_argmax_loop_without_cache():
     assert torch.equal(gen, seq)
 
 
+def test_padded_vocab_is_never_predicted():
+    model = tiny_model(vocab_size=509)  # embedding padded to 512 rows
+    assert model.model.embed_tokens.num_embeddings == 512
+    with torch.no_grad():
+        model.lm_head.weight[509:] = 10.0  # padding rows that would win every argmax
+    logits = model(torch.randint(0, 509, (1, 6))).logits
+    assert (logits[..., 509:] == torch.finfo(torch.float32).min).all()
+    assert (logits[..., :509].argmax(-1) == logits.argmax(-1)).all()
+
+
 # (d) loss and gradient checkpointing -----------------------------------------------------------------------
 def test_loss_matches_full_cross_entropy_with_ignore_and_padding():
     model = tiny_model()
@@ -207,7 +217,8 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert (plain_calls, ckpt_calls) == (2, 4)  # checkpointing recomputes each layer in the backward
     for name, g in plain.items():
         assert torch.allclose(ckpt[name], g, atol=1e-6, rtol=1e-5), name
-    assert MoaiTransformerForCausalLM(get_transformer_config("tiny", use_checkpoint=True)).model.layers[0].gradient_checkpointing
+    built = MoaiTransformerForCausalLM(get_transformer_config("tiny", use_checkpoint=True))
+    assert all(layer.gradient_checkpointing for layer in built.model.layers)
 
 
 # (e) preset sizes vs the Mamba presets ---------------------------------------------------------------------
@@ -241,7 +252,8 @@ def test_preset_registry():
 # (f) config and input errors -------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (dict(hidden_size=100, num_attention_heads=3), "hidden_size=100 is not divisible by num_attention_heads=3"),
-    (dict(num_attention_heads=4, num_key_value_heads=3), r"num_key_value_heads=3 must divide num_attention_heads=4.*\[1, 2, 4\]"),
+    (dict(num_attention_heads=4, num_key_value_heads=3),
+     r"num_key_value_heads=3 must divide num_attention_heads=4.*valid values: \[1, 2, 4\]"),
     (dict(head_dim=15), "head_dim must be even for RoPE"),
     (dict(head_dim=0), "head_dim must be None or an integer > 0, got 0"),
     (dict(vocab_size=0), "vocab_size must be an integer > 0, got 0"),
