@@ -5,6 +5,7 @@ Importing this package registers model_type "moai_mamba" with transformers' Auto
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from . import quant  # registers the "moai" quantization method with transformers' from_pretrained
 from .config import ConfigError, MoaiMambaConfig, get_mamba_config, load_mamba_config, preset_names
 from .model import MoaiMambaCache, MoaiMambaForCausalLM, MoaiMambaModel
 from .model.transformer import (

@@ -1,0 +1,224 @@
+"""FP8 (E4M3) weights with dynamically scaled FP8 activations, and the FP8 training recipe.
+
+`Float8Linear` stores W as E4M3 with one fp32 scale per output row (torchao's `PerRow` granularity) and, at
+each call, scales every input token (row) by its own amax / 448 before casting it to E4M3:
+
+    y = (x̂ · Ŵᵀ) ⊙ (s_x · s_wᵀ),   x̂ = e4m3(x / s_x),   Ŵ = e4m3(W / s_w),   s = amax(|row|) / 448
+
+Backends (`FP8_BACKENDS`, chosen here and only here):
+- "scaled_mm": `torch._scaled_mm` row-wise FP8 GEMM on GPUs with FP8 tensor cores (compute capability ≥ 8.9:
+  Ada, Hopper H100/H200, Blackwell); in/out widths must be multiples of 16.
+- "emulated": the same arithmetic with the E4M3 values upcast to fp32 (any device; what CPU tests run).
+- "auto": "scaled_mm" where it can run, else "emulated" (warning once on a CUDA GPU without FP8).
+Asking for "scaled_mm" where it cannot run is an error naming the GPU.
+
+The E4M3 bytes are stored as uint8 (`qweight`), so `model.to(dtype)` and checkpoint loading never cast them.
+
+`enable_fp8_training(model)` applies torchao's `convert_to_float8_training` (dynamic tensor-wise scaling) to
+the default layers, for the pretrain stage; it runs on CPU too (torch 2.13), FP8 GEMMs only on FP8 GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .api import (
+    FilterFn,
+    QuantConfig,
+    QuantizationError,
+    default_filter,
+    import_optional,
+    quantize_,
+    register_module_kind,
+    register_quant_method,
+)
+
+logger = logging.getLogger(__name__)
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+FP8_BACKENDS = ("auto", "emulated", "scaled_mm")
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    logger.warning(message)
+
+
+def fp8_gpu_problem(name: str, capability: tuple[int, int]) -> str | None:
+    """Why a GPU (name, compute capability) cannot run FP8 GEMMs, or None if it can."""
+    if tuple(capability) >= FP8_MIN_CAPABILITY:
+        return None
+    return (f"{name} (sm_{capability[0]}{capability[1]}) has no FP8 tensor cores; FP8 GEMMs need compute capability "
+            "≥ 8.9 (Ada L4/L40, Hopper H100/H200, Blackwell)")
+
+
+@functools.cache
+def _device_problem(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "FP8 GEMMs need a CUDA GPU"
+    return fp8_gpu_problem(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+
+
+def resolve_fp8_backend(backend: str, device: torch.device | str, shape_ok: bool = True) -> str:
+    """The concrete FP8 backend for `device`; raises `QuantizationError` for an explicit one that cannot run."""
+    if backend not in FP8_BACKENDS:
+        raise QuantizationError(f"fp8: unknown backend {backend!r}; choose one of {', '.join(FP8_BACKENDS)}")
+    problem = _device_problem(torch.device(device))
+    if backend == "emulated":
+        return backend
+    if backend == "scaled_mm":
+        if problem:
+            raise QuantizationError(f"fp8: backend 'scaled_mm' cannot run here: {problem}; use backend='emulated' "
+                                    "(same numerics, no speedup) or an FP8-capable GPU")
+        return backend
+    if problem or not shape_ok:
+        if torch.device(device).type == "cuda":
+            _warn_once(f"fp8: falling back to the emulated FP8 matmul on {device}: "
+                       + (problem or "layer widths are not multiples of 16"))
+        return "emulated"
+    return "scaled_mm"
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) → (E4M3 (M, K), fp32 scales (M, 1)) with scale = amax(|row|) / 448 (1 for an all-zero row)."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+@register_module_kind
+class Float8Linear(nn.Module):
+    """FP8 E4M3 weight (per-row scales) × dynamically quantized FP8 activations (per-token scales).
+
+    Buffers: qweight (out, in) uint8 holding E4M3 bits; weight_scale (out, 1) fp32.
+    """
+
+    kind = "fp8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, backend: str = "auto",
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if backend not in FP8_BACKENDS:
+            raise QuantizationError(f"fp8: unknown backend {backend!r}; choose one of {', '.join(FP8_BACKENDS)}")
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, backend: str = "auto") -> Float8Linear:
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, backend=backend,
+                     dtype=linear.weight.dtype, device=linear.weight.device)
+        wq, scale = quantize_rows_fp8(linear.weight)
+        with torch.no_grad():
+            module.qweight.copy_(wq.view(torch.uint8))
+            module.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+        return module
+
+    def layout(self) -> dict:
+        return {"kind": self.kind, "backend": self.backend}
+
+    @classmethod
+    def empty(cls, in_features, out_features, bias, layout, dtype, device=None) -> Float8Linear:
+        return cls(in_features, out_features, bias=bias, backend=layout["backend"], dtype=dtype, device=device)
+
+    def weight_fp8(self) -> torch.Tensor:
+        return self.qweight.view(E4M3)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (out, in) fp32 (read-only; not a parameter)."""
+        return self.weight_fp8().float() * self.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) → (..., out) in x's dtype."""
+        shape_ok = self.in_features % 16 == 0 and self.out_features % 16 == 0
+        backend = resolve_fp8_backend(self.backend, x.device, shape_ok)
+        x2 = x.reshape(-1, self.in_features)
+        xq, x_scale = quantize_rows_fp8(x2)
+        w_scale = self.weight_scale.float()
+        if backend == "scaled_mm":
+            # Row-wise scaled FP8 GEMMs write bf16 only.
+            y = torch._scaled_mm(xq, self.weight_fp8().t(), scale_a=x_scale, scale_b=w_scale.t(),
+                                 out_dtype=torch.bfloat16)
+        else:
+            y = (xq.float() @ self.weight_fp8().float().t()) * x_scale * w_scale.t()
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per-row, " \
+               f"backend={self.backend}"
+
+
+@dataclass
+class Float8Config(QuantConfig):
+    """FP8 E4M3 weights (per-row scales) and dynamic per-token FP8 activations.
+
+    backend: "auto", "emulated" or "scaled_mm" (see the module docstring).
+    """
+
+    method = "fp8"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in FP8_BACKENDS:
+            self.fail(f"unknown backend {self.backend!r}", f"choose one of {', '.join(FP8_BACKENDS)}")
+
+    def check_layer(self, fqn: str, linear: nn.Linear) -> None:
+        if self.backend == "scaled_mm":
+            resolve_fp8_backend("scaled_mm", linear.weight.device)
+            if linear.in_features % 16 or linear.out_features % 16:
+                self.fail(f"layer {fqn} is {linear.in_features}→{linear.out_features}; torch._scaled_mm needs "
+                          "widths that are multiples of 16", "use backend='auto' (emulates such layers) or leave "
+                          "the layer out with filter_fn")
+
+
+def _apply_fp8(model: nn.Module, config: Float8Config, targets: dict[str, nn.Linear]) -> dict:
+    return {fqn: Float8Linear.from_float(linear, config.backend) for fqn, linear in targets.items()}
+
+
+register_quant_method(Float8Config, apply=_apply_fp8)
+
+
+def quantize_fp8(model: nn.Module) -> nn.Module:
+    """Compatibility name: FP8 E4M3 weights + dynamic activations on the default layers (backend "auto")."""
+    return quantize_(model, Float8Config())
+
+
+def enable_fp8_training(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
+    """FP8 training (torchao `convert_to_float8_training`, dynamic tensor-wise scaling) of the layers that
+    `filter_fn` (default: the quantization default policy) selects and whose widths are multiples of 16
+    (FP8 GEMM shape rule); other layers stay in high precision. In place; returns the model."""
+    import_optional("torchao", "fp8-training")
+    from torchao.float8 import convert_to_float8_training
+
+    select = filter_fn or default_filter
+    chosen = []
+
+    def module_filter(module: nn.Module, fqn: str) -> bool:
+        ok = (select(module, fqn) and isinstance(module, nn.Linear) and module.in_features % 16 == 0
+              and module.out_features % 16 == 0)
+        if ok:
+            chosen.append(fqn)
+        return ok
+
+    convert_to_float8_training(model, module_filter_fn=module_filter)
+    if not chosen:
+        raise QuantizationError("fp8-training: no selected nn.Linear layer has widths that are multiples of 16")
+    logger.info("fp8-training: %d layers train in FP8", len(chosen))
+    return model

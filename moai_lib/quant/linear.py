@@ -1,0 +1,231 @@
+"""INT4 / INT8 group-wise weight-only quantization: the `QuantizedLinear` module and round-to-nearest (RTN).
+
+`QuantizedLinear` is the storage every integer method ends in (RTN, QAT's convert, GPTQ, AWQ): unsigned
+integers with per-group scales and zero points (`primitives.py` conventions), INT4 packed two per byte.
+AWQ's run-time activation scales live here too (`input_scale`, multiplied into the input before the matmul).
+
+Matmul backends (`INT_BACKENDS`, chosen in `QuantizedLinear.resolve_backend` and nowhere else):
+- "dequant": dequantize the weight to the activation dtype, then a dense matmul (any device, any layout).
+- "int4mm": torch's built-in INT4 kernels, which read the packed weight directly and compute in bf16:
+  `aten._weight_int4pack_mm` on CUDA (tinygemm, the kernel behind torchao's `tile_packed_to_4d` int4 format)
+  and `aten._weight_int4pack_mm_for_cpu` on CPU (the edge-CPU path). They need 4 bits, group size 32-256,
+  out_features % 8 == 0 and in_features % 32 == 0 on CUDA, out_features % 16 == 0 on CPU. Their
+  dequantization is (q − 8)·s + m with m = (8 − z)·s, which is ours exactly up to rounding s and m to bf16.
+  The kernel layout is built from the stored integers on first use (per device) and cached.
+- "auto": "int4mm" for bf16 activations where it applies, else "dequant": the automatic choice never lowers
+  the activation precision (fp32 models keep fp32 matmuls; QAT's bit-exactness relies on this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import primitives as P
+from .api import (
+    QuantConfig,
+    QuantizationError,
+    check_bits,
+    check_group_divides,
+    check_group_size,
+    quantize_,
+    register_module_kind,
+    register_quant_method,
+)
+
+INT_BITS = (4, 8)
+INT_BACKENDS = ("auto", "dequant", "int4mm")
+INT4MM_GROUP_SIZES = (32, 64, 128, 256)
+
+
+@register_module_kind
+class QuantizedLinear(nn.Module):
+    """y = x·diag(input_scale) · Ŵᵀ + b with Ŵ = (q − z)·s group-wise; q stored as uint8 (INT4: two per byte).
+
+    Buffers: qweight (out, in/2) uint8 for 4 bits [byte j = q[2j] | q[2j+1] << 4], (out, in) uint8 for 8 bits;
+    scales (out, in/g) in the model dtype; zeros (out, in/g) uint8; input_scale (in,) only for AWQ layers whose
+    scales cannot be folded into a preceding norm.
+    """
+
+    kind = "int"
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
+                 bias: bool = False, has_input_scale: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, backend: str = "auto"):
+        super().__init__()
+        if bits not in INT_BITS:
+            raise QuantizationError(f"int: QuantizedLinear stores 4 or 8 bits, got {bits}")
+        if backend not in INT_BACKENDS:
+            raise QuantizationError(f"int: unknown backend {backend!r}; choose one of {', '.join(INT_BACKENDS)}")
+        self.backend = backend
+        self._int4mm_cache: tuple | None = None
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        n_groups = in_features // P.resolve_group_size(in_features, group_size)
+        packed = in_features // 2 if bits == 4 else in_features
+        self.register_buffer("qweight", torch.empty(out_features, packed, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=torch.uint8, device=device))
+        if has_input_scale:
+            self.register_buffer("input_scale", torch.empty(in_features, dtype=dtype, device=device))
+        else:
+            self.input_scale = None
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    # Construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool,
+                   weight: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> QuantizedLinear:
+        """RTN-quantize `weight` (default: linear.weight), scales in linear's dtype."""
+        w = linear.weight if weight is None else weight
+        qp = P.compute_qparams(w, bits, group_size, symmetric, scale_dtype=linear.weight.dtype)
+        return cls.from_integers(linear, P.quantize_rtn(w, qp), qp, symmetric, input_scale=input_scale)
+
+    @classmethod
+    def from_integers(cls, linear: nn.Linear, q: torch.Tensor, qp: P.QParams, symmetric: bool,
+                      input_scale: torch.Tensor | None = None) -> QuantizedLinear:
+        """Wrap integers q (out, in) uint8 with their qparams (GPTQ and AWQ build their own integers)."""
+        dtype, device = linear.weight.dtype, linear.weight.device
+        module = cls(linear.in_features, linear.out_features, qp.bits, qp.group_size, symmetric,
+                     bias=linear.bias is not None, has_input_scale=input_scale is not None, dtype=dtype,
+                     device=device)
+        with torch.no_grad():
+            module.qweight.copy_(P.pack_int4(q) if qp.bits == 4 else q)
+            module.scales.copy_(qp.scale)
+            module.zeros.copy_(qp.zero)
+            if input_scale is not None:
+                module.input_scale.copy_(input_scale)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+        return module
+
+    # Serialization ---------------------------------------------------------------------------------------------
+    def layout(self) -> dict:
+        return {"kind": self.kind, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "input_scale": self.input_scale is not None}
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, layout: dict, dtype: torch.dtype,
+              device=None) -> QuantizedLinear:
+        return cls(in_features, out_features, layout["bits"], layout["group_size"], layout["symmetric"], bias=bias,
+                   has_input_scale=layout["input_scale"], dtype=dtype, device=device)
+
+    # Compute ------------------------------------------------------------------------------------------------
+    def integers(self) -> torch.Tensor:
+        """q (out, in) uint8."""
+        return P.unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+
+    def qparams(self) -> P.QParams:
+        return P.QParams(scale=self.scales, zero=self.zeros, bits=self.bits, group_size=self.group_size)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Ŵ (out, in) in `dtype` (default: the scales' dtype)."""
+        return P.dequantize(self.integers(), self.qparams(), dtype=dtype or self.scales.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (read-only view of what the layer computes with; not a parameter)."""
+        return self.dequantize_weight()
+
+    def int4mm_problem(self, device: torch.device) -> str | None:
+        """Why torch's INT4 kernels cannot run this layer on `device`, or None if they can."""
+        if device.type not in ("cuda", "cpu"):
+            return f"torch's INT4 kernels run on CUDA and CPU, not {device.type}"
+        if self.bits != 4 or self.group_size not in INT4MM_GROUP_SIZES:
+            return f"int4mm needs 4 bits and group_size in {INT4MM_GROUP_SIZES}, this layer has {self.bits} " \
+                   f"bits, group_size={self.group_size}"
+        if device.type == "cuda" and (self.in_features % 32 or self.out_features % 8):
+            return f"int4mm on CUDA needs in_features % 32 == 0 and out_features % 8 == 0, got " \
+                   f"{self.in_features}→{self.out_features}"
+        if device.type == "cpu" and self.out_features % 16:
+            return f"int4mm on CPU needs out_features % 16 == 0, got {self.out_features}"
+        return None
+
+    def resolve_backend(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The matmul backend for activations of `dtype` on `device`; an explicit backend that cannot run is
+        an error."""
+        if self.backend == "dequant":
+            return "dequant"
+        problem = self.int4mm_problem(device)
+        if self.backend == "int4mm":
+            if problem:
+                raise QuantizationError(f"int: backend 'int4mm' cannot run here: {problem}; use backend='dequant'")
+            return "int4mm"
+        return "int4mm" if problem is None and dtype == torch.bfloat16 else "dequant"
+
+    def _int4mm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed weight, scales-and-offsets (in/g, out, 2) bf16) in the kernel's layout for the buffers'
+        device, cached while the buffers are unchanged."""
+        key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version, self.scales._version,
+               self.zeros._version)
+        if self._int4mm_cache is None or self._int4mm_cache[0] != key:
+            if self.qweight.is_cuda:
+                # The CUDA packer reads the even column from the high nibble; ours stores it in the low one.
+                swapped = (self.qweight << 4) | (self.qweight >> 4)
+                inner_k_tiles = next(t for t in (8, 4, 2) if (self.in_features // 16) % t == 0)
+                packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.integers().to(torch.int32), 2)
+            scale = self.scales.float()
+            offset = (8 - self.zeros.float()) * scale  # (q − z)·s = (q − 8)·s + (8 − z)·s
+            scales_and_offsets = torch.stack((scale, offset), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._int4mm_cache = (key, packed, scales_and_offsets)
+        return self._int4mm_cache[1], self._int4mm_cache[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) → (..., out) in x's dtype (see the module docstring for the backends)."""
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.resolve_backend(x.device, x.dtype) == "int4mm":
+            packed, scales_and_offsets = self._int4mm_weights()
+            kernel = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = kernel(x.reshape(-1, self.in_features).to(torch.bfloat16), packed, self.group_size,
+                       scales_and_offsets)
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return y + bias if bias is not None else y
+        return F.linear(x, self.dequantize_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        g = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {g}, "
+                f"symmetric={self.symmetric}, backend={self.backend}"
+                + (", input_scale" if self.input_scale is not None else ""))
+
+
+@dataclass
+class IntWeightOnlyConfig(QuantConfig):
+    """Group-wise round-to-nearest weight-only quantization.
+
+    bits: 4 (packed two per byte) or 8. group_size: 32, 64, 128 input channels per scale, or -1 for one scale
+    per output channel. symmetric: zero point fixed at 2^(bits−1) (GPTQ `sym=True`) instead of fitted.
+    """
+
+    method = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self):
+        check_bits(self, self.bits, INT_BITS)
+        check_group_size(self, self.group_size)
+
+    def check_layer(self, fqn: str, linear: nn.Linear) -> None:
+        check_group_divides(self, fqn, linear.in_features, self.group_size)
+
+
+def _apply_rtn(model: nn.Module, config: IntWeightOnlyConfig, targets: dict[str, nn.Linear]) -> dict:
+    return {fqn: QuantizedLinear.from_float(lin, config.bits, config.group_size, config.symmetric)
+            for fqn, lin in targets.items()}
+
+
+register_quant_method(IntWeightOnlyConfig, apply=_apply_rtn)
+
+
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128) -> nn.Module:
+    """Compatibility name: group-wise RTN of the default layers (`IntWeightOnlyConfig`), in place."""
+    return quantize_(model, IntWeightOnlyConfig(bits=bits, group_size=group_size))
