@@ -5,6 +5,11 @@
     moai generate --model_path M --tokenizer_path T --prompt "..."
     moai generate ... --input_file prompts.txt --output_file out.json
     moai generate ... --chat
+    moai tokenize --corpus 'data/*.jsonl' --out data/packed --vocab_size 32000 --block_size 1024
+    moai tokenize --corpus ... --out ... --tokenizer my-128k-tokenizer/ --block_size 2048
+    moai train --config tiny --data_dir data/packed --output_dir runs/tiny [--max_steps N ...]
+    moai train --test                               a quick run on random tokens
+    moai train --model_path runs/tiny/model --data_dir ... --quantize --bits 4    QAT, then convert
 
 Every input is checked before anything heavy is loaded; a bad one ends the command with exit status 2 and a
 one-line message on stderr (no traceback).
@@ -13,6 +18,7 @@ one-line message on stderr (no traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,10 +26,14 @@ import tempfile
 from pathlib import Path
 
 from .config import ConfigError, load_mamba_config
+from .data.corpus import DataError
 from .model.generate import Completion, check_generation_args, generate_completions, generate_text
 from .model.info import format_model_info, format_size_summary
+from .train.loop import NonFiniteLossError
+from .train.params import TrainConfigError
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 class UsageError(Exception):
@@ -245,6 +255,127 @@ def _chat(model, tokenizer, sampling: dict) -> int:
         messages.append({"role": "assistant", "content": reply.split("\nUser:")[0].strip()})
 
 
+# tokenize ----------------------------------------------------------------------------------------------------
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from .data import TokenizeParams, prepare_data
+
+    _log_to_stderr()
+    params = TokenizeParams(
+        corpus=args.corpus, valid_corpus=args.valid_corpus, valid_fraction=args.valid_fraction,
+        vocab_size=args.vocab_size, tokenizer=args.tokenizer, added_tokens=args.added_tokens or [],
+        block_size=args.block_size, num_proc=args.num_proc, text_field=args.text_field, text_unit=args.text_unit,
+        seed=args.seed,
+    )
+    metrics = prepare_data(params, args.out)
+    for split in ("train", "valid"):
+        langs = sorted(k.removeprefix(f"{split}_tokens_") for k in metrics if k.startswith(f"{split}_tokens_"))
+        per_lang = ", ".join(f"{lang} {metrics[f'{split}_tokens_{lang}']:,}" for lang in langs)
+        print(f"{split}: {metrics[f'{split}_documents']:,} documents, {metrics[f'{split}_tokens']:,} tokens"
+              f"{f' ({per_lang})' if per_lang else ''}, {metrics[f'{split}_blocks']:,} blocks of "
+              f"{metrics['block_size']}")
+    print(f"wrote {args.out} (vocabulary {metrics['vocab_size']:,})")
+    return 0
+
+
+# train -------------------------------------------------------------------------------------------------------
+# Flags that map 1:1 onto TrainParams fields; unset flags keep the params file's (or the default) value.
+_TRAIN_PARAM_FLAGS = ("batch_size", "gradient_accumulation_steps", "num_epochs", "learning_rate", "max_length",
+                      "max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "eval_batches",
+                      "save_every", "seed", "mixed_precision", "time_budget_s")
+_TEST_DEFAULTS = {"max_steps": 10, "max_length": 128, "batch_size": 8}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import make_random_shards
+    from .train import TrainParams, build_model, check_train_inputs, model_config, pretrain
+
+    _log_to_stderr()
+    overrides = {k: getattr(args, k) for k in _TRAIN_PARAM_FLAGS if getattr(args, k) is not None}
+    if args.gradient_checkpointing:
+        overrides["gradient_checkpointing"] = True
+    if args.no_resume:
+        overrides["resume"] = False
+    if args.test:
+        overrides = {**_TEST_DEFAULTS, **overrides}
+    params = TrainParams.from_json(args.params, **overrides) if args.params else TrainParams(**overrides)
+
+    if args.config is not None and args.model_path is not None:
+        raise UsageError("give --config (train a new model) or --model_path (continue from a saved one), not both")
+    if args.model_path is not None:
+        _check_model_dir(args.model_path)
+        source = args.model_path
+    elif args.config is not None:
+        source = load_mamba_config(args.config)
+    elif args.test:
+        source = load_mamba_config("tiny")
+    else:
+        raise UsageError("train needs --config NAME_OR_JSON (a new model) or --model_path DIR (fine-tuning)")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output_dir {args.output_dir!r} exists and is not a directory")
+
+    config = model_config(source)
+    if args.test:
+        if args.data_dir is not None:
+            raise UsageError("--test trains on random tokens: leave out --data_dir")
+        seq_len = min(params.max_length, getattr(config, "max_position_embeddings", params.max_length))
+        data_dir = output_dir / "test_data"
+        make_random_shards(data_dir, config.vocab_size, seq_len,
+                           train_blocks=max(64, 2 * params.batch_size * params.gradient_accumulation_steps),
+                           valid_blocks=8, seed=params.seed)
+    elif args.data_dir is None:
+        raise UsageError("train needs --data_dir (shards written by `moai tokenize`), or --test for random data")
+    else:
+        data_dir = Path(args.data_dir)
+    check_train_inputs(params, source, data_dir)  # everything that can be checked before loading weights
+
+    finalize = None
+    if args.quantize:  # QAT: fake-quantized weights during training (moai_lib.quant), converted at the end
+        from .quant import QATConfig, QuantizationError, quantize_
+
+        try:
+            qat = QATConfig(bits=args.bits, group_size=args.group_size, step="prepare")
+            model = build_model(source, params.seed)
+            model.config.use_quantization, model.config.quantization_bits = True, args.bits
+            quantize_(model, qat)
+        except QuantizationError as exc:
+            raise UsageError(str(exc)) from None
+        source = model
+
+        def finalize(trained):
+            return quantize_(trained, dataclasses.replace(qat, step="convert"))
+
+    metrics = pretrain(params, source, data_dir, output_dir, finalize_model=finalize)
+    _print_train_summary(metrics, output_dir)
+    return 0
+
+
+def _print_train_summary(metrics: dict, output_dir: Path) -> None:
+    loss = metrics["train_loss"]
+    line = (f"step {metrics['step']}/{metrics['total_steps']}: train loss "
+            f"{'n/a' if loss is None else f'{loss:.4f}'}, {metrics['tokens_seen']:,} tokens, "
+            f"{metrics['tokens_per_second']:,.0f} tokens/s")
+    if "val_ppl" in metrics:
+        line += f", validation perplexity {metrics['val_ppl']:.2f}"
+        if "valid_unigram_ppl" in metrics:
+            line += f" (unigram baseline {metrics['valid_unigram_ppl']:.2f})"
+    print(line)
+    per_lang = {k.removeprefix("val_ppl_"): v for k, v in metrics.items() if k.startswith("val_ppl_")}
+    if per_lang:
+        print("validation perplexity per language: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per_lang.items())))
+    if metrics["completed"]:
+        print(f"saved the model to {metrics['model_dir']}")
+    else:
+        print(f"stopped early; run the same command again to resume from {output_dir / 'checkpoints'}")
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
 # parser ------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
@@ -283,6 +414,55 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: bfloat16 on a GPU that supports it, else float32")
     gen.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (--input_file)")
     gen.set_defaults(func=cmd_generate)
+
+    tok = sub.add_parser("tokenize", help="corpus → tokenizer → packed train/valid token shards",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tok.add_argument("--corpus", nargs="+", required=True,
+                     help="training corpus: files, directories or globs (.jsonl[.gz], .txt[.gz], .parquet)")
+    tok.add_argument("--valid_corpus", nargs="+", help="validation corpus (default: hold out --valid_fraction)")
+    tok.add_argument("--valid_fraction", type=float, default=0.05)
+    tok.add_argument("--out", required=True, help="output directory (replaced atomically when complete)")
+    source = tok.add_mutually_exclusive_group(required=True)
+    source.add_argument("--vocab_size", type=int, help="train a byte-level BPE of this many tokens")
+    source.add_argument("--tokenizer", help="use this Hugging Face tokenizer directory unchanged")
+    tok.add_argument("--added_tokens", nargs="+", help="domain tokens to add to --tokenizer")
+    tok.add_argument("--block_size", type=int, default=1024, help="tokens per packed block")
+    tok.add_argument("--num_proc", type=int, default=1, help="tokenization processes")
+    tok.add_argument("--text_field", default="text")
+    tok.add_argument("--text_unit", choices=("line", "paragraph", "document"), default="paragraph",
+                     help="documents in plain-text files")
+    tok.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
+    tok.set_defaults(func=cmd_tokenize)
+
+    train = sub.add_parser("train", help="pretrain or fine-tune on packed shards (or random data with --test)")
+    train.add_argument("--config", help="preset name (tiny, 130m, ..., 16b), JSON config file or model directory")
+    train.add_argument("--model_path", help="continue from this saved model (fine-tuning; safetensors)")
+    train.add_argument("--data_dir", help="packed shards written by `moai tokenize`")
+    train.add_argument("--output_dir", default="output", help="checkpoints/, model/ and metrics.json go here")
+    train.add_argument("--test", action="store_true", help="a quick run on random tokens (default preset tiny)")
+    train.add_argument("--params", help="JSON file of TrainParams fields; flags override it")
+    train.add_argument("--batch_size", type=int, help="sequences per micro-batch (default 8)")
+    train.add_argument("--gradient_accumulation_steps", type=int, help="micro-batches per optimizer step (1)")
+    train.add_argument("--num_epochs", type=float, help="passes over the data (1); --max_steps overrides")
+    train.add_argument("--max_steps", type=int, help="optimizer steps of the whole run (sets the schedule)")
+    train.add_argument("--learning_rate", type=float, help="peak AdamW learning rate (3e-4)")
+    train.add_argument("--warmup_steps", type=int, help="linear warmup steps (default 2%% of the run)")
+    train.add_argument("--weight_decay", type=float, help="AdamW weight decay (0.1; none on A_log, D, norms, biases)")
+    train.add_argument("--max_grad_norm", type=float, help="gradient clipping norm (1.0; 0 disables)")
+    train.add_argument("--max_length", type=int, help="tokens per sequence; divides the data's block size")
+    train.add_argument("--eval_every", type=int, help="validate every N steps (0: at the end only)")
+    train.add_argument("--eval_batches", type=int, help="validation batches (default: the whole split)")
+    train.add_argument("--save_every", type=int, help="checkpoint every N steps (0: none)")
+    train.add_argument("--seed", type=int, help="seed of the initialisation and the data order (0)")
+    train.add_argument("--mixed_precision", choices=("auto", "no", "bf16"),
+                       help="auto: bf16 autocast on a GPU, fp32 on CPU")
+    train.add_argument("--time_budget_s", type=float, help="checkpoint and stop after this many seconds")
+    train.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--no_resume", action="store_true", help="ignore checkpoints in --output_dir")
+    train.add_argument("--quantize", action="store_true", help="quantization-aware training (fake-quant weights)")
+    train.add_argument("--bits", type=int, choices=(4, 8), default=4, help="QAT weight bits")
+    train.add_argument("--group_size", type=int, default=128, help="QAT quantization group size")
+    train.set_defaults(func=cmd_train)
     return parser
 
 
@@ -291,10 +471,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UsageError, FileNotFoundError) as exc:
+    except (ConfigError, UsageError, FileNotFoundError, DataError, TrainConfigError) as exc:
         message = " ".join(str(exc).split())  # one line, whatever the exception text holds
         print(f"moai {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except NonFiniteLossError as exc:
+        print(f"moai {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

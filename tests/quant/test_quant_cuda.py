@@ -3,7 +3,7 @@ kernel (`QuantizedLinear` backend "int4mm") and row-wise FP8 `torch._scaled_mm` 
 
 import pytest
 import torch
-from conftest import tiny_model
+from quant_helpers import tiny_model
 from torch import nn
 
 from moai_lib.quant import Float8Linear, IntWeightOnlyConfig, QuantizedLinear, quantize_, quantized_modules

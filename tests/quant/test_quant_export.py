@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from quant_helpers import tiny_model
 from safetensors.torch import load_file
 from torch import nn
 

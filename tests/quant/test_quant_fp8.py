@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model
+from quant_helpers import tiny_model
 from torch import nn
 
 from moai_lib.quant import (

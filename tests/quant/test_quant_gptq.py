@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import block_errors, tiny_model
+from quant_helpers import block_errors, tiny_model
 
 from moai_lib.quant import (
     GPTQConfig,

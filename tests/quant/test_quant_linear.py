@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from quant_helpers import tiny_model
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
