@@ -4,10 +4,15 @@ Backends:
 - ``reference``: the sequential pure-torch oracle (`reference.py`); slow, any device.
 - ``torch``: the fast pure-torch path (`cpu.py`): chunked parallel scan; any device, differentiable.
 - ``mamba_ssm``: state-spaces/mamba's CUDA kernels, when the optional package is installed with them.
-- ``auto``: the fastest available for the tensors' device; on CUDA without a GPU kernel it falls back to
-  ``torch`` and warns once.
+- ``triton``: our Triton kernels (`triton_scan.py`: fused scan forward/backward; `triton_decode.py`: decode
+  steps). Available when `import triton` works and the tensors are on a CUDA GPU, or on the CPU with
+  ``TRITON_INTERPRET=1`` set before triton is first imported (Triton's interpreter: slow, for tests).
+  The full-sequence causal conv stays on torch's conv (already fast on every device).
+- ``auto``: the fastest available for the tensors' device: on CUDA ``triton``, then ``mamba_ssm``, then
+  ``torch`` with a warning (once); on other devices ``torch``.
 
-Asking explicitly for a backend that is unavailable raises `BackendUnavailableError`.
+Asking explicitly for a backend that is unavailable raises `BackendUnavailableError` with the reason.
+Triton is imported lazily (on the first dispatch that asks about it), so `import moai_lib` does not import it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import warnings
 
 import torch
@@ -23,7 +29,7 @@ from . import reference
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "torch", "mamba_ssm")
+BACKENDS = ("auto", "reference", "torch", "mamba_ssm", "triton")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -45,6 +51,29 @@ def _mamba_ssm_ops():
 
 
 @functools.cache
+def _triton_import_error() -> str | None:
+    """None when `import triton` works, else the reason it does not."""
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a triton build that does not match this platform
+        return f"triton is not importable ({type(exc).__name__}: {exc}); install it with `pip install triton`"
+    return None
+
+
+def _triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when the Triton kernels can run on `device`, else why not."""
+    error = _triton_import_error()
+    if error is not None:
+        return error
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"the Triton kernels need tensors on a CUDA GPU (got {device.type}); on the CPU only under "
+            "Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+
+
+@functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
     logger.warning(message)
@@ -56,6 +85,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     names = ["reference", "torch"]
     if device.type == "cuda" and not isinstance(_mamba_ssm_ops(), str):
         names.append("mamba_ssm")
+    if _triton_unavailable_reason(device) is None:
+        names.append("triton")
     return names
 
 
@@ -67,13 +98,20 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        if "mamba_ssm" in available_backends(device):
-            return "mamba_ssm"
+        available = available_backends(device)
+        for name in ("triton", "mamba_ssm"):
+            if name in available:
+                return name
         _warn_once(
-            "no GPU selective-scan kernel is available (mamba_ssm CUDA kernels not installed); "
+            "no GPU selective-scan kernel is available (neither triton nor the mamba_ssm CUDA kernels are "
+            f"installed: {_triton_unavailable_reason(device)}); "
             "falling back to the pure-torch chunked scan, which is much slower on GPU"
         )
         return "torch"
+    if backend == "triton":
+        reason = _triton_unavailable_reason(device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend 'triton' is unavailable: {reason}")
     if backend == "mamba_ssm":
         ops = _mamba_ssm_ops() if device.type == "cuda" else "mamba_ssm needs tensors on a CUDA GPU"
         if isinstance(ops, str):
@@ -91,6 +129,8 @@ def selective_scan(
         fn = reference.selective_scan_ref
     elif name == "torch":
         from .cpu import selective_scan_chunked as fn
+    elif name == "triton":
+        from .triton_scan import selective_scan_triton as fn
     else:
         if initial_state is not None:
             raise BackendUnavailableError(
@@ -110,6 +150,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update as fn
 
         return fn(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    if name == "triton":
+        from .triton_decode import selective_state_update_triton
+
+        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return reference.selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
@@ -122,5 +166,8 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend: str = "auto"):
     """One decode step of the causal conv; updates `conv_state` (B, D, W-1) in place."""
-    resolve_backend(backend, x.device)
+    if resolve_backend(backend, x.device) == "triton":
+        from .triton_decode import causal_conv1d_update_triton
+
+        return causal_conv1d_update_triton(x, conv_state, weight, bias, activation)
     return reference.causal_conv1d_update_ref(x, conv_state, weight, bias, activation)

@@ -122,7 +122,9 @@ class MambaMixer(nn.Module):
             x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(), z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=cache is not None,
             initial_state=cache.ssm_states[self.layer_idx] if continuing else None,
-            backend="torch" if continuing and self.backend in ("auto", "mamba_ssm") else self.backend,
+            # mamba-ssm's scan takes no initial state: continue a cached scan with the torch path instead.
+            backend="torch" if continuing and dispatch.resolve_backend(self.backend, x.device) == "mamba_ssm"
+            else self.backend,
         )
         if cache is not None:
             y, last_state = scan

@@ -281,3 +281,17 @@ def test_bad_labels_give_clear_error():
     ids = torch.randint(0, 512, (1, 6))
     with pytest.raises(ValueError, match="labels contain ids outside"):
         model(ids, labels=torch.full_like(ids, 900))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the GPU machine)")
+def test_cuda_bf16_model_matches_fp32_cpu_and_decodes():
+    """The whole model on the GPU (auto backend) in bf16 agrees with fp32 on CPU, and decoding matches."""
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 300))
+    ref = model(ids, use_cache=False).logits
+    gpu = tiny_model().to("cuda", torch.bfloat16)
+    got = gpu(ids.cuda(), use_cache=False).logits.float().cpu()
+    rel = (got - ref).norm() / ref.norm()
+    assert rel < 0.05, rel
+    out = gpu.generate(ids[:, :20].cuda(), max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 28)

@@ -1,0 +1,202 @@
+"""CPU time of the selective scan: the sequential reference vs the chunked pure-torch scan (backend "torch").
+
+Question: how much faster is `selective_scan_chunked` than `selective_scan_ref` on CPU, forward and
+forward + backward, at the shapes of a Mamba-130M-like layer (B=1, D=1536, N=16, fp32)?
+
+The run first checks that both give the same output, final state and gradients (max abs diffs printed),
+then times both: median over repeats, each repeat in a window where no other process used the CPU (the
+machine may be shared; a repeat that overlapped foreign CPU load is discarded and retried). Napkin math:
+ns per state update, i.e. per (b, d, l, n) element, each of which costs one exp and ~4 multiply-adds.
+
+    python benchmarks/bench_cpu_scan.py [--lengths 256,512,2048] [--call mamba|plain] [--chunk-size T]
+    python benchmarks/bench_cpu_scan.py --sweep-chunks 8,16,32,64,128   # the chunked scan alone, per T
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from moai_lib.kernels.cpu import default_chunk_size, selective_scan_chunked  # noqa: E402
+from moai_lib.kernels.reference import selective_scan_ref  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "cpu_scan.json")
+
+
+def make_inputs(batch, dim, dstate, length, call, seed=0):
+    """A Mamba layer's call: A = -exp(A_log) with A_log in [0, log 16]; raw delta with softplus and a bias,
+    D skip and z gate ("mamba"), or the bare scan on positive delta ("plain")."""
+    g = torch.Generator().manual_seed(seed)
+    args = {
+        "u": torch.randn(batch, dim, length, generator=g),
+        "delta": torch.randn(batch, dim, length, generator=g) - 2.0,
+        "A": -torch.exp(torch.rand(dim, dstate, generator=g) * torch.log(torch.tensor(16.0))),
+        "B": torch.randn(batch, dstate, length, generator=g),
+        "C": torch.randn(batch, dstate, length, generator=g),
+    }
+    if call == "mamba":
+        args.update(D=torch.randn(dim, generator=g), z=torch.randn(batch, dim, length, generator=g),
+                    delta_bias=torch.rand(dim, generator=g) - 4.0, delta_softplus=True)
+    else:
+        args["delta"] = torch.rand(batch, dim, length, generator=g) * 0.1
+    return args
+
+
+def call_scan(fn, args, backward, **kwargs):
+    """One forward (under no_grad) or forward + backward of `fn` on fresh leaves."""
+    if not backward:
+        with torch.no_grad():
+            return fn(**args, return_last_state=True, **kwargs)
+    leaves = {k: v.detach().clone().requires_grad_() if torch.is_tensor(v) else v for k, v in args.items()}
+    out, last = fn(**leaves, return_last_state=True, **kwargs)
+    (out.sum() + last.sum()).backward()
+    return out, last, {k: v.grad for k, v in leaves.items() if torch.is_tensor(v)}
+
+
+def validate(args, chunk_size):
+    """Max abs differences chunked vs reference: output, final state, and each gradient."""
+    fast = call_scan(selective_scan_chunked, args, backward=True, chunk_size=chunk_size)
+    ref = call_scan(selective_scan_ref, args, backward=True)
+    diffs = {"out": (fast[0] - ref[0]).abs().max().item(), "last_state": (fast[1] - ref[1]).abs().max().item()}
+    scales = {"out": ref[0].abs().max().item(), "last_state": ref[1].abs().max().item()}
+    for name, g in ref[2].items():
+        diffs[f"grad_{name}"] = (fast[2][name] - g).abs().max().item()
+        scales[f"grad_{name}"] = g.abs().max().item()
+    return diffs, scales
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _busy_jiffies():
+    """(all CPUs busy, this process busy) in clock ticks, or None where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    t = os.times()
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], (t.user + t.system) * os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn, repeats, max_tries=30):
+    """Median wall time (s) over `repeats` runs of fn() in which other processes used at most 1 clock tick
+    of CPU; returns (median, number of discarded runs)."""
+    times, discarded = [], 0
+    fn()  # warm-up: allocator, thread pool, caches
+    while len(times) < repeats:
+        before = _busy_jiffies()
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+        after = _busy_jiffies()
+        foreign = (after[0] - before[0]) - (after[1] - before[1]) if before and after else 0
+        if foreign > 1 and discarded < max_tries:
+            discarded += 1
+            time.sleep(1.0)
+            continue
+        times.append(elapsed)
+    return statistics.median(times), discarded
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="256,512,2048")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dim", type=int, default=1536)
+    parser.add_argument("--dstate", type=int, default=16)
+    parser.add_argument("--call", choices=["mamba", "plain"], default="mamba")
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: default_chunk_size(...)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the chunked scan")
+    parser.add_argument("--ref-repeats", type=int, default=3, help="repeats of the reference (1 above L=1024)")
+    parser.add_argument("--sweep-chunks", default=None, help="comma list of T: time the chunked scan alone")
+    parser.add_argument("--out", default=RESULTS)
+    opts = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    lengths = [int(x) for x in opts.lengths.split(",")]
+    shape = dict(batch=opts.batch, dim=opts.dim, dstate=opts.dstate)
+
+    if opts.sweep_chunks:
+        print(f"chunked scan alone, {opts.call} call, B={opts.batch} D={opts.dim} N={opts.dstate}, "
+              f"{torch.get_num_threads()} threads; ms (median of {opts.repeats})\n")
+        chunks = [int(x) for x in opts.sweep_chunks.split(",")]
+        print("| L | " + " | ".join(f"T={t} fwd / fwd+bwd" for t in chunks) + " |")
+        print("|---" * (len(chunks) + 1) + "|")
+        for length in lengths:
+            args = make_inputs(**shape, length=length, call=opts.call)
+            cells = []
+            for t in chunks:
+                fwd, _ = timed(lambda: call_scan(selective_scan_chunked, args, False, chunk_size=t), opts.repeats)
+                both, _ = timed(lambda: call_scan(selective_scan_chunked, args, True, chunk_size=t), opts.repeats)
+                cells.append(f"{fwd * 1e3:.1f} / {both * 1e3:.1f}")
+            print(f"| {length} | " + " | ".join(cells) + " |", flush=True)
+        return
+
+    val_len = min(lengths)
+    diffs, scales = validate(make_inputs(**shape, length=val_len, call=opts.call), opts.chunk_size)
+    print(f"validation at L={val_len} (max abs diff chunked vs reference, and the reference's max abs):")
+    for name, d in diffs.items():
+        print(f"  {name:18s} {d:.3e}   (scale {scales[name]:.3e})")
+    worst = max(d / max(scales[k], 1e-30) for k, d in diffs.items())
+    if worst > 1e-4:
+        sys.exit(f"validation failed: relative error {worst:.2e} > 1e-4")
+
+    rows = []
+    for length in lengths:
+        args = make_inputs(**shape, length=length, call=opts.call)
+        chunk = opts.chunk_size or default_chunk_size(opts.batch, opts.dim, opts.dstate, length)
+        ref_repeats = 1 if length > 1024 else opts.ref_repeats
+        row = {"L": length, "chunk_size": chunk, "discarded_runs": 0}
+        for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+            ref, d1 = timed(lambda: call_scan(selective_scan_ref, args, backward), ref_repeats)
+            fast, d2 = timed(lambda: call_scan(selective_scan_chunked, args, backward, chunk_size=chunk),
+                             opts.repeats)
+            elements = opts.batch * opts.dim * opts.dstate * length
+            row.update({f"ref_{mode}_ms": ref * 1e3, f"chunked_{mode}_ms": fast * 1e3,
+                        f"speedup_{mode}": ref / fast, f"chunked_{mode}_ns_per_update": fast * 1e9 / elements})
+            row["discarded_runs"] += d1 + d2
+        rows.append(row)
+        print(f"L={length}: done", flush=True)
+
+    print(f"\n{opts.call} call, B={opts.batch} D={opts.dim} N={opts.dstate} fp32, {torch.get_num_threads()} threads "
+          f"({_cpu_model()}), torch {torch.__version__}; median ms\n")
+    print("| L | T | ref fwd | chunked fwd | speedup | ref fwd+bwd | chunked fwd+bwd | speedup | ns/update fwd |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['L']} | {r['chunk_size']} | {r['ref_fwd_ms']:.1f} | {r['chunked_fwd_ms']:.1f} | "
+              f"{r['speedup_fwd']:.1f}x | {r['ref_fwd_bwd_ms']:.1f} | {r['chunked_fwd_bwd_ms']:.1f} | "
+              f"{r['speedup_fwd_bwd']:.1f}x | {r['chunked_fwd_ns_per_update']:.2f} |")
+
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "machine": {"platform": platform.platform(), "cpu": _cpu_model(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "config": {**shape, "dtype": "float32", "call": opts.call, "repeats": opts.repeats,
+                   "ref_repeats": opts.ref_repeats, "statistic": "median"},
+        "validation": {"length": val_len, "max_abs_diff": diffs, "reference_max_abs": scales},
+        "results": rows,
+    }
+    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
+    with open(opts.out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"\nwrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()

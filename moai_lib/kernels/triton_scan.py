@@ -1,0 +1,520 @@
+"""Mamba-1 selective scan in Triton (backend ``triton``): a fused forward and a state-recomputing backward.
+
+Same signature and semantics as `reference.selective_scan_ref` (the spec). Shape letters: B batch, D channels,
+L length, N state size; T is the chunk length (`ScanConfig.block_l`) and BD the channels per program
+(`ScanConfig.block_d`).
+
+The math (Mamba-1, S6, eq. (2a)-(2b), ZOH for A and Euler for B), per (b, d, n):
+
+    delta_t = softplus(delta_t + delta_bias)      a_t = exp(delta_t * A)      x_t = delta_t * u_t * B_t
+    h_t = a_t * h_{t-1} + x_t                     y_t = (sum_n C_t * h_t + D * u_t) * silu(z_t)
+
+Design. One program per (batch row, block of BD channels); it walks L in chunks of T steps and carries the fp32
+state h (N, BD) in registers from chunk to chunk, so any L works and nothing of size B*D*L*N exists in memory.
+Inside a chunk, a_t and x_t form one (T, N, BD) register tile and `tl.associative_scan` over T with the combine
+(a1, b1), (a2, b2) -> (a1*a2, b1*a2 + b2) (the composition of the maps h -> a*h + b) gives the chunk's states;
+the carried state enters as x_0 + a_0 * h. B_t and C_t, (T, N), are loaded once per program and shared by its
+BD channels. delta_bias, softplus, the D skip and the z gate are fused; inputs are read in their dtype (fp32,
+bf16, fp16), all arithmetic and the state are fp32, and exp(delta*A) is one MUFU `exp2` (A pre-scaled by log2 e).
+
+Register layout. Triton lays out a tensor built by broadcasting with the 32 lanes of a warp along its last
+dimension. With time last, the scan over T runs across lanes in log2(32) shuffle rounds, about 10 warp shuffles
+per element (found by compiling the kernels for sm_90 with Triton 3.6 and counting SASS instructions of the hot
+loop: a predicted ~2.9 ms floor at L=2048, slower than mamba-ssm). So the tiles are channel-last: each thread
+owns a channel and holds the chunk's T steps and its N states in registers; the scan is then a plain FMA chain
+inside the thread and y = sum_n C h an in-thread sum. The backward also needs sums over channels (dB_t, dC_t),
+which cost log2(lanes) shuffles per value, so its tiles are (T, D2, N, D1): BD = D2 * D1 channels with D2 groups
+in registers (`ScanConfig.d_regs`) and D1 on lanes, and the remaining 32/D1 lanes on N. The channel sum is then
+D2-1 in-thread adds followed by log2(D1) shuffle rounds on D2 times fewer values. And `associative_scan(...,
+reverse=True)` costs ~12 shuffles per element in Triton 3.6 even when T lies within a thread, so the adjoint scan
+flips the tile in time (`_flip_time`: one-hot selects that compile to register moves) and scans forward.
+Static estimates from those SASS counts (B=8, D=4096, N=16, bf16, L=2048, 132 SMs at 1.98 GHz, perfect
+overlap): forward >= 0.41 ms, backward >= 1.4 ms (mamba-ssm, measured on the H200: 1.17 ms and ~4.5 ms).
+
+Backward (recomputation instead of stored B*D*L*N intermediates): when a gradient is needed, the forward also
+writes the state entering each backward chunk, (B, D, ceil(L/T_bwd), N) fp32. The backward program walks its
+chunks in reverse; per chunk it reloads the inputs, recomputes a_t, x_t and h_t with the forward scan, and
+solves the adjoint recurrence
+
+    g_t = dL/dh_t = C_t * dy_t + a_{t+1} * g_{t+1}
+
+as a scan over the time-flipped chunk. The multiplier a_{t+1} sits one step away from the element that needs
+it; instead of a shifted copy (a second exp, or a register shift Triton lacks) each scan element carries
+(P, Q, a_first): segment [s, e] means g_s = Q + P * q_{e+1} with q_{e+1} = a_{e+1} g_{e+1}, and a_first = a_s is
+what an earlier segment needs to attach to it. Combining a later segment (P1, Q1, a1) with an earlier one
+(P2, Q2, a2) gives (P2*a1*P1, Q2 + P2*a1*Q1, a2), associative as a composition of affine maps; so the backward
+needs one exp per element, like the forward. The carry q = a_{t0} g_{t0} goes to the chunk before; after the
+first chunk it is dL/dh_init. With s_t = g_t * a_t * h_{t-1} = g_t * (h_t - x_t) (the trick of the CUDA kernel
+of state-spaces/mamba, which avoids a shifted state):
+
+    dA = sum_{b,t} s_t * delta_t      d(delta_t) += sum_n s_t * A     dB_t = sum_d g_t * delta_t * u_t
+    d(delta_t * u_t) = sum_n g_t * B_t                                dC_t = sum_d dy_t * h_t
+
+dB and dC are summed over the program's BD channels in registers and added across the D/BD programs with fp32
+`atomic_add` (so they are not bitwise deterministic, like mamba-ssm's); dA, dD and d(delta_bias) are summed over
+L in registers and written per batch row, then summed over B by torch.
+
+Memory traffic napkin math, bytes per (b, d, t) element, s = bytes of the input dtype (2 for bf16):
+- forward: read u, delta, z + write y = 4s (8 B in bf16); B and C are (B, N, L), shared by the D channels:
+  2*N*s/D per element (0.016 B at D=4096, N=16), negligible.
+- backward: read u, delta, z, dy + write du, ddelta, dz = 7s (14 B in bf16).
+- fwd+bwd: 11s (22 B in bf16). `essential_bytes` computes these; the benchmark divides them by the time to
+  report achieved GB/s against the ~4 TB/s HBM copy bandwidth of the H200.
+- on top of that, training writes and rereads the chunk states, 4*N/T_bwd bytes each way (16 B at N=16, T=4):
+  the price of small backward chunks, which keep the backward's registers in bounds (`ScanConfig`).
+- L2 only: every program rereads B and C (4*N*s/BD bytes per element) and the backward adds 8*N/BD bytes of
+  dB/dC atomics per element.
+
+The exp throughput bound: each pass needs B*D*L*N exponentials. The H200's SFU issues 16 ex2 per clock per SM:
+132 SMs * 16 * 1.98 GHz ~ 4.2e12 exp/s. At B=8, D=4096, N=16, L=2048 the forward's 1.07e9 exps take >= 0.26 ms
+while its 8 B/element (0.54 GB) take >= 0.13 ms at 4 TB/s: the forward is bound by exp and by the ~10 other fp32
+instructions per element (4 warp-instructions issue per clock per SM), not by HBM. The backward recomputes the
+exps (one more B*D*L*N) and issues ~3x the instructions of the forward. The benchmark reports the exp floor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Launch shape of one scan kernel (forward or backward); every field is a power of two.
+
+    block_d: channels per program (BD); they share the B/C loads, and in the backward the dB/dC reduction.
+    block_l: chunk length (T), the steps held in registers; the state is carried between chunks. The backward's
+        block_l also sets how often the forward checkpoints the state (4*N/T bytes per element).
+    num_warps: warps per program.
+    d_regs: backward only: channel groups per thread (D2); block_d / d_regs channels go on lanes.
+    """
+
+    block_d: int
+    block_l: int
+    num_warps: int = 1
+    d_regs: int = 1
+
+    def __post_init__(self):
+        for name in ("block_d", "block_l", "num_warps", "d_regs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"ScanConfig.{name} must be a power of two, got {value!r}")
+        if self.d_regs > self.block_d:
+            raise ValueError(f"ScanConfig.d_regs ({self.d_regs}) cannot exceed block_d ({self.block_d})")
+
+
+# Fewer programs than this leaves the H200's 132 SMs short of warps (~8 single-warp programs per SM).
+_MIN_PROGRAMS = 1024
+
+
+def default_configs(batch: int, dim: int, dstate: int = 16) -> tuple[ScanConfig, ScanConfig]:
+    """(forward, backward) launch shapes for the H200. Chosen from static SASS counts (Triton 3.6, sm_90; see the
+    module docstring), not yet from timings: `benchmarks/bench_scan_gpu.py --sweep` times alternatives.
+    Narrower blocks for small batch*dim keep enough programs in flight. N <= 16: chunks of T = 64/N steps
+    (T*N = 64 values per channel); N > 16: proportionally fewer channels per program, so that the freed lanes
+    take the extra states and each thread keeps at most 16."""
+    n = max(2, triton.next_power_of_2(dstate))
+    shrink = max(1, n // 16)
+    block_l = 64 // min(n, 16)
+    channels = batch * dim
+    fwd_bd = next((bd for bd in (32, 16) if channels // bd >= _MIN_PROGRAMS), 8)
+    fwd = ScanConfig(max(1, fwd_bd // shrink), block_l)
+    if channels // 16 >= _MIN_PROGRAMS:
+        bwd = ScanConfig(max(2, 16 // shrink), block_l, d_regs=2)
+    else:
+        bwd = ScanConfig(max(1, 8 // shrink), block_l)
+    return fwd, bwd
+
+
+def essential_bytes(batch: int, dim: int, dstate: int, length: int, itemsize: int, backward: bool) -> int:
+    """The HBM bytes any implementation must move (see the module docstring): forward reads u, delta, z, B, C
+    and writes y; the backward also reads dy and writes du, ddelta, dz, dB, dC."""
+    per_elem = 4 * itemsize + (7 * itemsize if backward else 0)
+    per_bn = 2 * itemsize + (4 * itemsize if backward else 0)  # B, C (+ dy-side reads of B, C and dB, dC)
+    return batch * dim * length * per_elem + batch * dstate * length * per_bn
+
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    # (a1, b1) is the earlier segment: h -> a2 * (a1 * h + b1) + b2.
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _adjoint_combine(p1, q1, a1, p2, q2, a2):
+    # The adjoint, scanned over the time-flipped chunk: (p1, q1, a1) is the later segment in time, (p2, q2, a2)
+    # the earlier one (see the module docstring).
+    w = p2 * a1
+    return w * p1, q2 + w * q1, a2
+
+
+@triton.jit
+def _flip_time(x, offs_l, BLOCK_L: tl.constexpr):
+    # x[T - 1 - t] for a (T, D2, N, D1) tile. A reverse scan is a forward scan of the time-flipped tile; flipping
+    # this way (select + one-hot sum per step) folds into register moves when T lies within each thread, whereas
+    # `associative_scan(..., reverse=True)` costs ~12 warp shuffles per element in Triton 3.6 (static SASS
+    # count, sm_90). -0.0 is the additive identity LLVM may fold without fast-math flags.
+    t4 = offs_l[:, None, None, None]
+    out = x
+    for k in tl.static_range(BLOCK_L):
+        xk = tl.sum(tl.where(t4 == BLOCK_L - 1 - k, x, -0.0), axis=0)
+        out = tl.where(t4 == k, xk[None, :, :, :], out)
+    return out
+
+
+@triton.jit
+def _softplus(x):
+    # torch's softplus (threshold 20: x itself above it) = max(x, 0) + log1p(w), w = exp(-|x|) in (0, 1].
+    # log1p(w) = 2 atanh(s), s = w / (2 + w) in (0, 1/3]: the odd series to s^15 is accurate to ~1e-9 relative,
+    # where log(1 + w) with the GPU's approximate log would lose the small w (libdevice's log1p is not
+    # available in the interpreter).
+    w = tl.exp(-tl.abs(x))
+    s = w / (2.0 + w)
+    s2 = s * s
+    p = 1.0 / 15.0
+    p = p * s2 + 1.0 / 13.0
+    p = p * s2 + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    p = p * s2 + 1.0
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + 2.0 * s * p)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    out_ptr, last_ptr, states_ptr,
+    dim, length, dstate, n_chunks, n_saved,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    # u, delta, z, out: (B, D, L) contiguous; A: (D, N); B, C: (B, N, L); D, bias: (D,); h0, last: (B, D, N);
+    # states: (B, D, n_saved, N), the state entering every SAVE_EVERY-step chunk of the backward.
+    # Tiles are (T, N, BD): time, state, channel (see "Register layout" in the module docstring).
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+
+    A = tl.load(A_ptr + offs_d[None, :] * dstate + offs_n[:, None], mask=mask_nd, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634  # (N, BD); exp(delta * A) = exp2(delta * A * log2(e))
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    row = pid_b * dim * length + offs_d.to(tl.int64) * length  # (BD,) start of each channel's row
+    row_bn = pid_b * dstate * length + offs_n * length  # (N,) rows of B and C
+    nd_off = (pid_b * dim + offs_d[None, :]) * dstate + offs_n[:, None]  # (N, BD) into (B, D, N)
+    st_off = (pid_b * dim + offs_d[None, :]) * n_saved * dstate + offs_n[:, None]  # (N, BD) into states
+    first = offs_l[:, None, None] == 0
+    last = offs_l[:, None, None] == BLOCK_L - 1
+
+    if HAS_H0:
+        h = tl.load(h0_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for c in range(n_chunks):
+        t = c * BLOCK_L + offs_l
+        mask_l = t < length
+        mask_ld = mask_l[:, None] & mask_d[None, :]
+        mask_ln = mask_l[:, None] & mask_n[None, :]
+        if SAVE_STATES:
+            if SAVE_EVERY >= BLOCK_L:
+                if (c * BLOCK_L) % SAVE_EVERY == 0:
+                    tl.store(states_ptr + st_off + ((c * BLOCK_L) // SAVE_EVERY) * dstate, h, mask=mask_nd)
+            else:
+                tl.store(states_ptr + st_off + (c * (BLOCK_L // SAVE_EVERY)) * dstate, h, mask=mask_nd)
+
+        ptr_ld = row[None, :] + t[:, None]  # (T, BD)
+        u = tl.load(u_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+        dl = tl.load(delta_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            dl = dl + bias[None, :]
+        if SOFTPLUS:
+            dl = _softplus(dl)
+        dl = tl.where(mask_ld, dl, 0.0)  # padded steps: a = 1, x = 0, the state passes through
+        Bt = tl.load(B_ptr + row_bn[None, :] + t[:, None], mask=mask_ln, other=0.0).to(tl.float32)  # (T, N)
+        Ct = tl.load(C_ptr + row_bn[None, :] + t[:, None], mask=mask_ln, other=0.0).to(tl.float32)
+
+        a = tl.exp2(dl[:, None, :] * A2[None, :, :])  # (T, N, BD)
+        x = Bt[:, :, None] * (dl * u)[:, None, :]
+        # The carried state enters as part of the first step (x_0 + a_0 h); `first` is known per register at
+        # compile time, so this costs one FMA per (n, d), and the scan's running product a1*a2 becomes dead code.
+        x = tl.where(first, x + a * h[None, :, :], x)
+        _, hs = tl.associative_scan((a, x), axis=0, combine_fn=_affine_combine)  # h_t of the chunk
+        y = tl.sum(hs * Ct[:, :, None], axis=1)  # (T, BD)
+        if HAS_D:
+            y += Dv[None, :] * u
+        if HAS_Z:
+            zv = tl.load(z_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+            y *= zv * tl.sigmoid(zv)
+        tl.store(out_ptr + ptr_ld, y.to(out_ptr.dtype.element_ty), mask=mask_ld)
+
+        if SAVE_STATES:
+            if SAVE_EVERY < BLOCK_L:
+                for k in tl.static_range(1, BLOCK_L // SAVE_EVERY):
+                    if c * BLOCK_L + k * SAVE_EVERY < length:
+                        hk = tl.sum(tl.where(offs_l[:, None, None] == k * SAVE_EVERY - 1, hs, -0.0), axis=0)
+                        tl.store(states_ptr + st_off + (c * (BLOCK_L // SAVE_EVERY) + k) * dstate, hk, mask=mask_nd)
+        h = tl.sum(tl.where(last, hs, -0.0), axis=0)  # padded steps kept the state of step L-1
+
+    tl.store(last_ptr + nd_off, h, mask=mask_nd)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr, dlast_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
+    dim, length, dstate, n_chunks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    SOFTPLUS: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    # Inputs as in the forward; states: (B, D, n_chunks, N); dout: (B, D, L); dlast: (B, D, N).
+    # Outputs: du, ddelta, dz (B, D, L) in the inputs' dtypes; dB, dC (B, N, L) fp32, accumulated atomically;
+    # dA (B, D, N), dD and dbias (B, D) fp32 per batch row; dh0 (B, D, N) fp32.
+    # Tiles are (T, D2, N, D1): the program's BLOCK_D2 * BLOCK_D1 channels are split into D2 groups held in
+    # registers and D1 channels along the lanes (see "Register layout" in the module docstring).
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = (tl.program_id(1) * (BLOCK_D2 * BLOCK_D1) + tl.arange(0, BLOCK_D2)[:, None] * BLOCK_D1
+              + tl.arange(0, BLOCK_D1)[None, :])  # (D2, D1) channel index
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_l = tl.arange(0, BLOCK_L)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dnd = mask_d[:, None, :] & mask_n[None, :, None]  # (D2, N, D1)
+
+    dnd = offs_d[:, None, :] * dstate + offs_n[None, :, None]  # (D2, N, D1) into (D, N)
+    A = tl.load(A_ptr + dnd, mask=mask_dnd, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    row = pid_b * dim * length + offs_d.to(tl.int64) * length  # (D2, D1)
+    row_bn = pid_b * dstate * length + offs_n * length
+    bdn_off = pid_b * dim * dstate + dnd  # (D2, N, D1) into (B, D, N)
+    st_off = (pid_b * dim + offs_d[:, None, :]) * n_chunks * dstate + offs_n[None, :, None]
+    first = offs_l[:, None, None, None] == 0
+    last = offs_l[:, None, None, None] == BLOCK_L - 1
+
+    q = tl.load(dlast_ptr + bdn_off, mask=mask_dnd, other=0.0).to(tl.float32)  # a_{t1} g_{t1} after the chunk
+    dA_acc = tl.zeros([BLOCK_D2, BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D2, BLOCK_D1], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D2, BLOCK_D1], dtype=tl.float32)
+    ones = tl.full([BLOCK_L, BLOCK_D2, BLOCK_N, BLOCK_D1], 1.0, tl.float32)
+
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        t = c * BLOCK_L + offs_l
+        mask_l = t < length
+        mask_ld = mask_l[:, None, None] & mask_d[None, :, :]  # (T, D2, D1)
+        mask_ln = mask_l[:, None] & mask_n[None, :]  # (T, N)
+        ptr_ld = row[None, :, :] + t[:, None, None]
+        h_start = tl.load(states_ptr + st_off + c * dstate, mask=mask_dnd, other=0.0)
+
+        # Recompute the chunk's forward: a_t, x_t, h_t (and y_t when the gate needs it).
+        u = tl.load(u_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)  # (T, D2, D1)
+        pre = tl.load(delta_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            pre = pre + bias[None, :, :]
+        if SOFTPLUS:
+            dl = _softplus(pre)
+        else:
+            dl = pre
+        dl = tl.where(mask_ld, dl, 0.0)
+        ptr_ln = row_bn[None, :] + t[:, None]
+        Bt = tl.load(B_ptr + ptr_ln, mask=mask_ln, other=0.0).to(tl.float32)[:, None, :, None]  # (T, 1, N, 1)
+        Ct = tl.load(C_ptr + ptr_ln, mask=mask_ln, other=0.0).to(tl.float32)[:, None, :, None]
+        a = tl.exp2(dl[:, :, None, :] * A2[None, :, :, :])  # (T, D2, N, D1)
+        du_ = (dl * u)[:, :, None, :]
+        x = Bt * du_
+        _, hs = tl.associative_scan((a, tl.where(first, x + a * h_start[None, :, :, :], x)), axis=0,
+                                    combine_fn=_affine_combine)
+
+        # dy: gradient w.r.t. the scan output sum_n C h (before the D skip and the gate).
+        dy = tl.load(dout_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zv = tl.load(z_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zv)
+            y = tl.sum(hs * Ct, axis=2)
+            if HAS_D:
+                y += Dv[None, :, :] * u
+            dz = dy * y * sz * (1.0 + zv * (1.0 - sz))  # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
+            tl.store(dz_ptr + ptr_ld, dz.to(dz_ptr.dtype.element_ty), mask=mask_ld)
+            dy = dy * zv * sz
+        if HAS_D:
+            dD_acc += tl.sum(dy * u, axis=0)
+            du = dy * Dv[None, :, :]
+        else:
+            du = tl.zeros([BLOCK_L, BLOCK_D2, BLOCK_D1], dtype=tl.float32)
+
+        # Adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse scan of (P, Q, a_first) segments, with the carry q
+        # from the later chunk entering through the last step (padded steps have a = 1 and pass it on).
+        dy4 = dy[:, :, None, :]
+        cdy = Ct * dy4
+        cdy = tl.where(last, cdy + q[None, :, :, :], cdy)
+        _, g, _ = tl.associative_scan((ones, _flip_time(cdy, offs_l, BLOCK_L), _flip_time(a, offs_l, BLOCK_L)),
+                                      axis=0, combine_fn=_adjoint_combine)
+        g = _flip_time(g, offs_l, BLOCK_L)
+        q = tl.sum(tl.where(first, a * g, -0.0), axis=0)  # a_{t0} g_{t0}, handed to the chunk before
+
+        # (T, N), summed over this program's channels: first over the D2 groups in registers, then over lanes.
+        dC = tl.sum(tl.sum(hs * dy4, axis=1), axis=2)
+        dB = tl.sum(tl.sum(g * du_, axis=1), axis=2)
+        tl.atomic_add(dC_ptr + ptr_ln, dC, mask=mask_ln, sem="relaxed")
+        tl.atomic_add(dB_ptr + ptr_ln, dB, mask=mask_ln, sem="relaxed")
+        s = g * (hs - x)  # g_t a_t h_{t-1}: the gradient w.r.t. delta_t * A (padded steps: times delta = 0)
+        dA_acc += tl.sum(s * dl[:, :, None, :], axis=0)
+        gdu = tl.sum(g * Bt, axis=2)  # dL/d(delta_t u_t), (T, D2, D1)
+        ddl = tl.sum(s * A[None, :, :, :], axis=2) + gdu * u
+        du += gdu * dl
+        if SOFTPLUS:
+            ddl = ddl * tl.sigmoid(pre)  # softplus'(x) = sigmoid(x)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(tl.where(mask_ld, ddl, 0.0), axis=0)
+        tl.store(du_ptr + ptr_ld, du.to(du_ptr.dtype.element_ty), mask=mask_ld)
+        tl.store(ddelta_ptr + ptr_ld, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_ld)
+
+    tl.store(dA_ptr + bdn_off, dA_acc, mask=mask_dnd)
+    bd_off = pid_b * dim + offs_d
+    if HAS_D:
+        tl.store(dD_ptr + bd_off, dD_acc, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + bd_off, dbias_acc, mask=mask_d)
+    if HAS_H0:
+        tl.store(dh0_ptr + bdn_off, q, mask=mask_dnd)
+
+
+def _block_n(dstate: int) -> int:
+    return max(2, triton.next_power_of_2(dstate))
+
+
+def _grid(batch: int, dim: int, cfg: ScanConfig):
+    return (batch, triton.cdiv(dim, cfg.block_d))
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class _SelectiveScanTritonFn(torch.autograd.Function):
+    """The fused selective scan; saves only its inputs and the (B, D, ceil(L/T_bwd), N) chunk states."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, fwd_cfg, bwd_cfg):
+        # u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,); h0: (B, D, N) or None.
+        batch, dim, length = u.shape
+        dstate = A.shape[1]
+        u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+        z, D, delta_bias = (t.contiguous() if t is not None else None for t in (z, D, delta_bias))
+        A32 = A.float().contiguous()
+        save = any(ctx.needs_input_grad)
+        n_saved = triton.cdiv(length, bwd_cfg.block_l)
+        states = u.new_empty((batch, dim, n_saved if save else 0, dstate), dtype=torch.float32)
+        out = torch.empty_like(u)
+        last = u.new_empty((batch, dim, dstate), dtype=torch.float32)
+        h0c = h0.contiguous() if h0 is not None else None
+        with _on_device(u):
+            _scan_fwd_kernel[_grid(batch, dim, fwd_cfg)](
+                u, delta, A32, B, C, D, z, delta_bias, h0c, out, last, states,
+                dim, length, dstate, triton.cdiv(length, fwd_cfg.block_l), n_saved,
+                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
+                SOFTPLUS=bool(delta_softplus), SAVE_STATES=save, SAVE_EVERY=bwd_cfg.block_l,
+                BLOCK_D=fwd_cfg.block_d, BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l,
+                num_warps=fwd_cfg.num_warps,
+            )
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, states)
+            ctx.delta_softplus, ctx.bwd_cfg = bool(delta_softplus), bwd_cfg
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, h0, states = ctx.saved_tensors
+        cfg = ctx.bwd_cfg
+        batch, dim, length = u.shape
+        dstate = A.shape[1]
+        dout = dout.contiguous()
+        dlast = dlast.float().contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        dB = torch.zeros(B.shape, dtype=torch.float32, device=u.device)
+        dC = torch.zeros(C.shape, dtype=torch.float32, device=u.device)
+        dA = u.new_empty((batch, dim, dstate), dtype=torch.float32)
+        dD = u.new_empty((batch, dim), dtype=torch.float32) if D is not None else None
+        dbias = u.new_empty((batch, dim), dtype=torch.float32) if delta_bias is not None else None
+        dh0 = u.new_empty((batch, dim, dstate), dtype=torch.float32) if h0 is not None else None
+        with _on_device(u):
+            _scan_bwd_kernel[_grid(batch, dim, cfg)](
+                u, delta, A.float().contiguous(), B, C, D, z, delta_bias, states, dout, dlast,
+                du, ddelta, dA, dB, dC, dD, dz, dbias, dh0,
+                dim, length, dstate, triton.cdiv(length, cfg.block_l),
+                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
+                SOFTPLUS=ctx.delta_softplus, BLOCK_D2=cfg.d_regs, BLOCK_D1=cfg.block_d // cfg.d_regs,
+                BLOCK_N=_block_n(dstate), BLOCK_L=cfg.block_l, num_warps=cfg.num_warps,
+            )
+        return (
+            du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else None, dz,
+            dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+            dh0.to(h0.dtype) if h0 is not None else None,
+            None, None, None,
+        )
+
+
+def selective_scan_triton(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: torch.Tensor | None = None,
+    *,
+    fwd_config: ScanConfig | None = None,
+    bwd_config: ScanConfig | None = None,
+):
+    """Selective scan with exactly the semantics of `reference.selective_scan_ref`, as Triton kernels.
+
+    u, delta, z: (B, D, L); A: (D, N) real; B, C: (B, N, L); D, delta_bias: (D,); initial_state: (B, D, N).
+    Returns y (B, D, L) in u's dtype and, if `return_last_state`, the final state (B, D, N) fp32.
+    Differentiable w.r.t. every tensor argument. `fwd_config` / `bwd_config` only trade speed
+    (defaults: `default_configs`). Tensors must be on a CUDA GPU, or on the CPU with
+    TRITON_INTERPRET=1 set before triton was first imported.
+    """
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
+        raise ValueError(f"A must be real with shape (D, N) = ({dim}, N), got {tuple(A.shape)} {A.dtype}")
+    dstate = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (batch, dstate, length):
+            raise ValueError(f"{name} must have shape (B, N, L) = {(batch, dstate, length)}, got {tuple(t.shape)}")
+    for name, t in (("delta", delta), ("z", z)):
+        if t is not None and t.shape != u.shape:
+            raise ValueError(f"{name} must have u's shape {tuple(u.shape)}, got {tuple(t.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (batch, dim, dstate):
+        raise ValueError(f"initial_state must have shape (B, D, N) = {(batch, dim, dstate)}, "
+                         f"got {tuple(initial_state.shape)}")
+    default_fwd, default_bwd = default_configs(batch, dim, dstate)
+    out, last = _SelectiveScanTritonFn.apply(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+        fwd_config or default_fwd, bwd_config or default_bwd,
+    )
+    return (out, last) if return_last_state else out
