@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 
 import torch
 
@@ -74,6 +75,26 @@ def validate(args, chunk_size):
     return diffs, scales
 
 
+def floor_ms(batch, dim, dstate, length, chunk, repeats):
+    """The two costs no eager-torch scan avoids: one exp2 per (b, d, l, n) state update, and L sequential
+    in-place multiply-adds over (B, N, D) slabs (chunk buffers reused, as in the chunked scan)."""
+    a = torch.rand(chunk, batch, dstate, dim)
+    h = torch.randn(chunk, batch, dstate, dim)
+    n_chunks = -(-length // chunk)
+
+    def exps():
+        for _ in range(n_chunks):
+            torch.exp2(a, out=h)
+
+    def steps():
+        for _ in range(n_chunks):
+            hs, as_ = h.unbind(0), a.unbind(0)
+            for t in range(1, chunk):
+                torch.addcmul(hs[t], as_[t], hs[t - 1], out=hs[t])
+
+    return timed(exps, repeats)[0] * 1e3, timed(steps, repeats)[0] * 1e3
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -93,11 +114,14 @@ def _busy_jiffies():
     return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], (t.user + t.system) * os.sysconf("SC_CLK_TCK")
 
 
-def timed(fn, repeats, max_tries=30):
-    """Median wall time (s) over `repeats` runs of fn() in which other processes used at most 1 clock tick
-    of CPU; returns (median, number of discarded runs)."""
-    times, discarded = [], 0
-    fn()  # warm-up: allocator, thread pool, caches
+def timed(fn, repeats, warmup=True, max_retries=20, retry_below_s=5.0):
+    """Median wall time (s) of `repeats` runs of fn(). A run during which other processes used more than
+    one clock tick of CPU is discarded and retried (at most `max_retries` times, and only runs shorter than
+    `retry_below_s`: a minutes-long reference run is kept, with its foreign CPU time reported).
+    Returns (median, discarded runs, foreign CPU seconds during the kept runs, min)."""
+    times, discarded, foreign_s = [], 0, 0.0
+    if warmup:
+        fn()  # allocator, thread pool, caches
     while len(times) < repeats:
         before = _busy_jiffies()
         t0 = time.perf_counter()
@@ -105,12 +129,13 @@ def timed(fn, repeats, max_tries=30):
         elapsed = time.perf_counter() - t0
         after = _busy_jiffies()
         foreign = (after[0] - before[0]) - (after[1] - before[1]) if before and after else 0
-        if foreign > 1 and discarded < max_tries:
+        if foreign > 1 and discarded < max_retries and elapsed < retry_below_s:
             discarded += 1
             time.sleep(1.0)
             continue
         times.append(elapsed)
-    return statistics.median(times), discarded
+        foreign_s += max(0, foreign) / os.sysconf("SC_CLK_TCK")
+    return statistics.median(times), discarded, foreign_s, min(times)
 
 
 def main():
@@ -122,7 +147,9 @@ def main():
     parser.add_argument("--call", choices=["mamba", "plain"], default="mamba")
     parser.add_argument("--chunk-size", type=int, default=None, help="default: default_chunk_size(...)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the chunked scan")
-    parser.add_argument("--ref-repeats", type=int, default=3, help="repeats of the reference (1 above L=1024)")
+    parser.add_argument("--ref-repeats", type=int, default=3, help="repeats of the reference (2 above L=1024)")
+    parser.add_argument("--ref-backward-max-len", type=int, default=512,
+                        help="longest L for the reference's backward: it is O(L^2) (63 s at L=512 here)")
     parser.add_argument("--sweep-chunks", default=None, help="comma list of T: time the chunked scan alone")
     parser.add_argument("--out", default=RESULTS)
     opts = parser.parse_args()
@@ -140,8 +167,8 @@ def main():
             args = make_inputs(**shape, length=length, call=opts.call)
             cells = []
             for t in chunks:
-                fwd, _ = timed(lambda: call_scan(selective_scan_chunked, args, False, chunk_size=t), opts.repeats)
-                both, _ = timed(lambda: call_scan(selective_scan_chunked, args, True, chunk_size=t), opts.repeats)
+                fwd = timed(partial(call_scan, selective_scan_chunked, args, False, chunk_size=t), opts.repeats)[0]
+                both = timed(partial(call_scan, selective_scan_chunked, args, True, chunk_size=t), opts.repeats)[0]
                 cells.append(f"{fwd * 1e3:.1f} / {both * 1e3:.1f}")
             print(f"| {length} | " + " | ".join(cells) + " |", flush=True)
         return
@@ -159,18 +186,29 @@ def main():
     for length in lengths:
         args = make_inputs(**shape, length=length, call=opts.call)
         chunk = opts.chunk_size or default_chunk_size(opts.batch, opts.dim, opts.dstate, length)
-        ref_repeats = 1 if length > 1024 else opts.ref_repeats
-        row = {"L": length, "chunk_size": chunk, "discarded_runs": 0}
+        ref_repeats = 2 if length > 1024 else opts.ref_repeats
+        row = {"L": length, "chunk_size": chunk, "discarded_runs": 0, "foreign_cpu_s": 0.0}
+        elements = opts.batch * opts.dim * opts.dstate * length
         for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-            ref, d1 = timed(lambda: call_scan(selective_scan_ref, args, backward), ref_repeats)
-            fast, d2 = timed(lambda: call_scan(selective_scan_chunked, args, backward, chunk_size=chunk),
-                             opts.repeats)
-            elements = opts.batch * opts.dim * opts.dstate * length
-            row.update({f"ref_{mode}_ms": ref * 1e3, f"chunked_{mode}_ms": fast * 1e3,
-                        f"speedup_{mode}": ref / fast, f"chunked_{mode}_ns_per_update": fast * 1e9 / elements})
+            fast, d1, f1, fast_min = timed(
+                partial(call_scan, selective_scan_chunked, args, backward, chunk_size=chunk), opts.repeats)
+            row[f"chunked_{mode}_ms"], row[f"chunked_{mode}_min_ms"] = fast * 1e3, fast_min * 1e3
+            row[f"chunked_{mode}_ns_per_update"] = fast * 1e9 / elements
+            if backward and length > opts.ref_backward_max_len:
+                row[f"ref_{mode}_ms"] = row[f"ref_{mode}_min_ms"] = row[f"speedup_{mode}"] = None
+                d2 = f2 = 0
+            else:
+                ref, d2, f2, ref_min = timed(partial(call_scan, selective_scan_ref, args, backward), ref_repeats,
+                                             warmup=False)
+                row[f"ref_{mode}_ms"], row[f"ref_{mode}_min_ms"] = ref * 1e3, ref_min * 1e3
+                row[f"speedup_{mode}"] = ref / fast
             row["discarded_runs"] += d1 + d2
+            row["foreign_cpu_s"] += f1 + f2
         rows.append(row)
         print(f"L={length}: done", flush=True)
+
+    def cell(value, fmt):
+        return "n/a" if value is None else fmt.format(value)
 
     print(f"\n{opts.call} call, B={opts.batch} D={opts.dim} N={opts.dstate} fp32, {torch.get_num_threads()} threads "
           f"({_cpu_model()}), torch {torch.__version__}; median ms\n")
@@ -178,8 +216,18 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['L']} | {r['chunk_size']} | {r['ref_fwd_ms']:.1f} | {r['chunked_fwd_ms']:.1f} | "
-              f"{r['speedup_fwd']:.1f}x | {r['ref_fwd_bwd_ms']:.1f} | {r['chunked_fwd_bwd_ms']:.1f} | "
-              f"{r['speedup_fwd_bwd']:.1f}x | {r['chunked_fwd_ns_per_update']:.2f} |")
+              f"{r['speedup_fwd']:.1f}x | {cell(r['ref_fwd_bwd_ms'], '{:.0f}')} | {r['chunked_fwd_bwd_ms']:.1f} | "
+              f"{cell(r['speedup_fwd_bwd'], '{:.0f}x')} | {r['chunked_fwd_ns_per_update']:.2f} |")
+    longest = rows[-1]
+    exp_ms, step_ms = floor_ms(opts.batch, opts.dim, opts.dstate, longest["L"], longest["chunk_size"], opts.repeats)
+    floor = {"L": longest["L"], "exp2_ms": exp_ms, "sequential_steps_ms": step_ms}
+    print(f"\nnapkin math at L={longest['L']}: exp2 of all B*D*L*N = "
+          f"{opts.batch * opts.dim * opts.dstate * longest['L'] / 1e6:.1f}M decays takes {exp_ms:.1f} ms and the "
+          f"L sequential (B, N, D) multiply-adds {step_ms:.1f} ms: {exp_ms + step_ms:.1f} ms of the chunked "
+          f"forward's {longest['chunked_fwd_ms']:.1f} ms is that floor.")
+    if any(r["ref_fwd_bwd_ms"] is None for r in rows):
+        print(f"\nn/a: the reference's backward is O(L^2) (a full-size gradient per step); not run above "
+              f"L={opts.ref_backward_max_len}.")
 
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -188,9 +236,11 @@ def main():
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version()},
         "config": {**shape, "dtype": "float32", "call": opts.call, "repeats": opts.repeats,
-                   "ref_repeats": opts.ref_repeats, "statistic": "median"},
+                   "ref_repeats": opts.ref_repeats, "ref_backward_max_len": opts.ref_backward_max_len,
+                   "statistic": "median of runs with no foreign CPU load (see discarded_runs, foreign_cpu_s)"},
         "validation": {"length": val_len, "max_abs_diff": diffs, "reference_max_abs": scales},
         "results": rows,
+        "floor": floor,
     }
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)
     with open(opts.out, "w") as f:

@@ -20,14 +20,16 @@ Why the recurrence stays sequential inside a chunk:
 So each step is one in-place multiply-add over a contiguous (B, N, D) slab, in the multiplicative domain
 (a_t in [0, 1]: nothing can overflow; huge decays underflow to exactly 0).
 
-Where the time goes, and what the layout does about it:
+Where the time goes (B=1, D=1536, N=16, L=2048 forward on 2 cores: roughly a sixth each in the two items
+below, a fifth in transposes; `benchmarks/bench_cpu_scan.py` prints the floor), and what the layout does:
 - exp: one `exp2` per (b, d, l, n) (A is pre-scaled by log2 e; exp2 runs ~2x faster than exp on CPU).
-- The T recurrence steps per chunk, each a single `addcmul` over B*N*D numbers.
+- The L recurrence steps, each a single `addcmul` over the B*N*D numbers of a step (single-threaded below
+  32K elements, and bound by the cache bandwidth).
 - Transposes: the inputs are (B, D, L) but a step needs time-major data. They are transposed span by
   span (S ~ 256 steps) with 2-D `copy_`s, which are cache-blocked; reading rows of >= 128 floats runs at
   copy speed, while 32-float rows (a per-chunk transpose) cost 4x more.
-- Allocation: a fresh CPU tensor of a few MB page-faults on first touch, costing as much as the
-  arithmetic on it, so every span- and chunk-sized buffer is allocated once per call (`_Workspace`).
+- Allocation: a fresh CPU tensor of a few MB page-faults on first touch (up to +50% on the op that
+  writes it), so every span- and chunk-sized buffer is allocated once per call (`_Workspace`).
 
 Memory: the forward keeps its inputs and the state entering each chunk, (L/T, B, N, D); scratch is
 O(B*D*S + B*N*D*T). Nothing of size B*D*L*N is ever materialized (peak O(B*D*L + B*D*N*L/T) floats).
@@ -42,8 +44,8 @@ import torch.nn.functional as F
 
 # Chunk length T from the working set: the (T, B, N, D) fp32 work buffers (two in forward, three in
 # backward) hold about this many elements (3 MiB each), so a chunk stays in L3. On the 2-core EPYC dev VM
-# (B=1, D=1536, N=16, L=2048) T = 16..32 was fastest, T = 8 and 64 5-20% slower
-# (benchmarks/bench_cpu_scan.py --sweep-chunks).
+# (B=1, D=1536, N=16, L=2048; interleaved runs) T = 16 and 32 were within noise of each other, T = 8 and
+# 64 10-30% slower (benchmarks/bench_cpu_scan.py --sweep-chunks).
 DEFAULT_CHUNK_ELEMS = 3 << 18
 # Time steps per span, the unit in which the (B, D, L) inputs are read, transposed and written back.
 SPAN_STEPS = 256
@@ -249,8 +251,9 @@ class _SelectiveScanFn(torch.autograd.Function):
                     torch.addcmul(gs[t], as_[t + 1], gs[t + 1], out=gs[t])
                 g_carry = as_[0] * gs[0]
                 g3, h3 = g.view(rows, dstate, dim), h.view(rows, dstate, dim)
-                torch.bmm(gy_t.reshape(rows, 1, dim), h3.transpose(1, 2), out=g_C_t[s0 + i0 : s0 + i1].view(rows, 1, dstate))
-                torch.bmm(du_t.reshape(rows, 1, dim), g3.transpose(1, 2), out=g_B_t[s0 + i0 : s0 + i1].view(rows, 1, dstate))
+                g_C_c, g_B_c = (x[s0 + i0 : s0 + i1].view(rows, 1, dstate) for x in (g_C_t, g_B_t))
+                torch.bmm(gy_t.reshape(rows, 1, dim), h3.transpose(1, 2), out=g_C_c)  # sum_d dy_t h_t
+                torch.bmm(du_t.reshape(rows, 1, dim), g3.transpose(1, 2), out=g_B_c)  # sum_d (delta u)_t g_t
                 _bmm_rows(B_c, g, g_du_bt, i0, i1, ws, "g_du_rows")  # dL/d(delta u)_t = B_t . g_t
                 # s_t = g_t * h_{t-1} * a_t, built in place in `a`; `g` is then free to hold s_t * delta_t.
                 a[1:].mul_(h[:-1])

@@ -19,13 +19,14 @@ from moai_lib.kernels.reference import (
     selective_state_update_ref,
 )
 
-# Error budget per input dtype, relative to the reference's own scale: |fast - ref| <= atol * max|ref| +
-# rtol * |ref|, elementwise. fp32: both compute in fp32 and differ only in summation order and exp2 vs exp
-# (observed <= 1e-6 of the scale). bf16: both compute in fp32 from the same bf16 inputs, but outputs and
-# gradients are rounded to bf16 (8 significant bits), so one rounding flip is 2**-8 of the value.
+# Error budget (rtol, atol) per input dtype, relative to the reference's own scale, elementwise:
+# |fast - ref| <= atol * max|ref| + rtol * |ref|. fp32: both compute in fp32 and differ only in summation
+# order and exp2 vs exp (observed <= 4e-7 of the scale). bf16: both compute in fp32 from the same bf16
+# inputs, but outputs and gradients are rounded to bf16, where one rounding flip is up to 2**-7 = 7.8e-3
+# of the value (observed <= 5e-5 of the scale).
 TOLERANCES = {
     torch.float32: {"out": (1e-4, 1e-5), "grad": (1e-4, 1e-5)},
-    torch.bfloat16: {"out": (1e-2, 4e-3), "grad": (1e-2, 4e-3)},
+    torch.bfloat16: {"out": (1e-2, 1e-3), "grad": (1e-2, 1e-3)},
 }
 
 # Option sets (D skip, z gate, delta_bias, softplus, initial state) covering each flag on and off.
@@ -80,8 +81,8 @@ def _run(fn, args, softplus, seed=1, **kwargs):
     g_last = torch.randn(last.shape, generator=g)
     grads = torch.autograd.grad((out.float() * g_out.float()).sum() + (last * g_last).sum(), list(leaves.values()),
                                 allow_unused=True)  # the reference leaves some inputs unused when L = 0
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves.values(), grads)]
-    return out.detach(), last.detach(), dict(zip(leaves, grads))
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves.values(), grads, strict=True)]
+    return out.detach(), last.detach(), dict(zip(leaves, grads, strict=True))
 
 
 def _assert_close(actual, expected, tol, what):
