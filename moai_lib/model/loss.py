@@ -73,3 +73,38 @@ def chunked_causal_lm_loss(
     else:
         denom = max(int(denom), 1)
     return total / denom
+
+
+def lm_head_outputs(
+    hidden_states: torch.Tensor,
+    lm_head: torch.nn.Linear,
+    vocab_size: int,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    chunk_size: int = 512,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    return_logits: bool | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The LM-head end of a causal LM's forward, shared by the Mamba LM and the attention baseline.
+
+    hidden_states (B, L, d) → (loss, logits). With labels: the chunked loss over the real vocabulary rows
+    (padding rows of a padded vocabulary take no softmax mass); logits only if `return_logits`. Logits are fp32,
+    for the last `logits_to_keep` positions (0 = all, or an index tensor), with padding rows never predicted.
+    """
+    weight = lm_head.weight
+    loss = logits = None
+    if labels is not None:
+        loss = chunked_causal_lm_loss(
+            hidden_states.to(weight.dtype), weight[:vocab_size], labels, attention_mask,
+            chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
+        )
+    if labels is None or return_logits:
+        if isinstance(logits_to_keep, int):
+            kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            kept = hidden_states[:, logits_to_keep]
+        logits = lm_head(kept.to(weight.dtype)).float()
+        if weight.shape[0] > vocab_size:
+            logits[..., vocab_size:] = torch.finfo(logits.dtype).min
+    return loss, logits

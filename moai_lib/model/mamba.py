@@ -35,7 +35,7 @@ from ..config import MoaiMambaConfig
 from ..kernels import dispatch
 from .cache import MoaiMambaCache
 from .inputs import check_input_ids
-from .loss import chunked_causal_lm_loss
+from .loss import lm_head_outputs
 
 
 class RMSNorm(nn.Module):
@@ -387,23 +387,11 @@ class MoaiMambaForCausalLM(MoaiMambaPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask, output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        loss = logits = None
-        if labels is not None:
-            loss = chunked_causal_lm_loss(
-                # Only the real vocabulary rows: padding rows must not take softmax mass.
-                hidden_states.to(self.lm_head.weight.dtype), self.lm_head.weight[: self.config.vocab_size],
-                labels, attention_mask,
-                chunk_size=self.loss_chunk_size, num_items_in_batch=num_items_in_batch,
-            )
-        if labels is None or return_logits:
-            if isinstance(logits_to_keep, int):
-                kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
-            else:
-                kept = hidden_states[:, logits_to_keep]
-            logits = self.lm_head(kept.to(self.lm_head.weight.dtype)).float()
-            if self.config.padded_vocab_size > self.config.vocab_size:
-                # Padding rows of the embedding are not tokens: never predict them.
-                logits[..., self.config.vocab_size:] = torch.finfo(logits.dtype).min
+        loss, logits = lm_head_outputs(
+            hidden_states, self.lm_head, self.config.vocab_size, labels, attention_mask,
+            chunk_size=self.loss_chunk_size, num_items_in_batch=num_items_in_batch,
+            logits_to_keep=logits_to_keep, return_logits=return_logits,
+        )
         out = MoaiMambaCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states)
         return out if return_dict is not False else out.to_tuple()
