@@ -15,7 +15,8 @@ error in its row and the run goes on.
 
     python benchmarks/bench_scan_gpu.py            # a few minutes on an H200, Triton compiles included
     python benchmarks/bench_scan_gpu.py --sweep    # first times 5+5 launch shapes of ours at L=2048 and uses the
-                                                   # fastest for the table (a few more minutes)
+                                                   # fastest for the table (a few more minutes; at small B*D,
+                                                   # e.g. --batch 1, narrower shapes)
 
 Prints a Markdown table and writes benchmarks/results/scan_gpu.json.
 """
@@ -49,6 +50,9 @@ SWEEP_LENGTH = 2048
 # [, d_regs]). Larger register tiles than these spill.
 FWD_SWEEP = [(32, 4, 1), (32, 8, 1), (64, 4, 1), (16, 8, 1), (32, 2, 1)]
 BWD_SWEEP = [(16, 4, 1, 2), (32, 2, 1, 4), (8, 8, 1, 1), (16, 2, 1, 2), (8, 4, 1)]
+# For small B*D (batch 1) the defaults are narrow (few programs): narrower blocks and more warps per program.
+FWD_SWEEP_SMALL = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (16, 4, 2), (8, 8, 1)]
+BWD_SWEEP_SMALL = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (4, 2, 1), (16, 4, 2, 2)]
 
 
 def make_inputs(batch, dim, dstate, length, dtype, seed=0):
@@ -169,11 +173,13 @@ def sweep(args) -> tuple[tuple, tuple, list]:
     default_fwd, default_bwd = default_configs(args.batch, args.dim, args.dstate)
     rows = []
     best = {"fwd": (astuple(default_fwd), math.inf), "bwd": (astuple(default_bwd), math.inf)}
-    for mode, shapes in (("fwd", FWD_SWEEP), ("bwd", BWD_SWEEP)):  # the defaults are always among the timed
+    small = args.batch * args.dim < 1024 * 16  # default_configs' narrow regime
+    fwd_shapes, bwd_shapes = (FWD_SWEEP_SMALL, BWD_SWEEP_SMALL) if small else (FWD_SWEEP, BWD_SWEEP)
+    for mode, shapes in (("fwd", fwd_shapes), ("bwd", bwd_shapes)):  # the defaults are always among the timed
         default = astuple(default_fwd if mode == "fwd" else default_bwd)
         if default not in shapes:
             shapes.insert(0, default)
-    for mode, shapes in (("fwd", FWD_SWEEP), ("bwd", BWD_SWEEP)):
+    for mode, shapes in (("fwd", fwd_shapes), ("bwd", bwd_shapes)):
         for shape in shapes:
             cfg = ScanConfig(*shape)
             kw = {"fwd_config": cfg} if mode == "fwd" else {"bwd_config": cfg}

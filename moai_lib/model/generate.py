@@ -1,5 +1,7 @@
 """Batched text generation for prompts: left padding, pad-token fallback, completions only.
 
+`greedy_decode` and `CudaGraphDecoder` are the lean decoding loop for speed (CUDA graphs around the step).
+
 Left padding is exact for this model: padded positions are zeroed before the conv and the scan, so they
 leave the recurrent state at zero and a padded prompt continues exactly as the unpadded one would
 (`MambaMixer.forward`). The prompts are padded here by hand, so the tokenizer is never modified.
@@ -100,3 +102,85 @@ def generate_completions(
 def generate_text(model, tokenizer, prompts: str | Sequence[str], **sampling) -> list[str]:
     """The completions (generated text only) of `prompts`; `sampling` as in `generate_completions`."""
     return [c.completion for c in generate_completions(model, tokenizer, prompts, **sampling)]
+
+
+# CUDA-graph decoding ------------------------------------------------------------------------------------------
+class CudaGraphDecoder:
+    """The one-token decoding step of a `MoaiMambaForCausalLM`, captured once as a CUDA graph and replayed.
+
+    A decode step launches ~20 small kernels per layer; at small batch their launch cost exceeds their work
+    (the CPU, not the GPU, sets the pace). Replaying the captured step is one launch per token, as mamba-ssm's
+    `generate(cg=True)`. The graph reads the token ids from a static buffer, updates the cache's conv and SSM
+    state tensors in place (their addresses are fixed for the cache's life) and writes the next-token logits
+    (B, V) fp32 to a static buffer, returned by every call (overwritten by the next one: clone to keep them).
+
+    Build it after the prefill, on a CUDA model and its `MoaiMambaCache`; the warm-up steps it runs before the
+    capture are undone, so the cache is left as it was. Methods that replace the cache tensors (beam search's
+    `reorder_cache`) invalidate the graph.
+    """
+
+    def __init__(self, model, cache, warmup: int = 2):
+        states = cache.conv_states + cache.ssm_states
+        if not all(t.is_cuda for t in states):
+            raise ValueError("CudaGraphDecoder needs the model and its cache on a CUDA GPU")
+        self.model, self.cache = model, cache
+        device = states[0].device
+        self.input_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        saved, offset = [t.clone() for t in states], cache.seqlen_offset
+        cache.seqlen_offset = max(offset, 1)  # the mixers take their one-token path only after a prefill
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up outside the capture: Triton compiles, cuBLAS picks kernels
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        for t, s in zip(states, saved, strict=True):
+            t.copy_(s)
+        cache.seqlen_offset = offset
+
+    def _step(self) -> torch.Tensor:
+        """The model's forward for one token, minus the host-side input checks (a device sync each)."""
+        from .loss import lm_head_outputs
+
+        model, backbone = self.model, self.model.backbone
+        hidden = backbone.embedding(self.input_ids)  # (B, 1, d)
+        if model.config.residual_in_fp32:
+            hidden = hidden.float()
+        for layer in backbone.layers:
+            hidden = layer(hidden, cache=self.cache)
+        hidden = backbone.norm_f(hidden)
+        _, logits = lm_head_outputs(hidden, model.lm_head, model.config.vocab_size, logits_to_keep=1)
+        return logits[:, -1]  # (B, V)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, 1) → next-token logits (B, V) fp32 (a static buffer); advances the cache by one."""
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        self.cache.seqlen_offset += 1
+        return self.logits
+
+
+@torch.inference_mode()
+def greedy_decode(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda_graph: bool = False) -> torch.Tensor:
+    """Greedy continuation of `input_ids` (B, L) (no padding): the new tokens (B, max_new_tokens).
+
+    The prompt runs as one full-sequence forward (the prefill); each new token then runs the O(1) recurrent
+    step, eagerly or, with `cuda_graph=True`, as a replayed `CudaGraphDecoder` (same kernels, same tokens).
+    """
+    check_generation_args(max_new_tokens=max_new_tokens)
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    if cuda_graph:
+        step = CudaGraphDecoder(model, cache)
+    else:
+        def step(ids):
+            return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    tokens = [token]
+    for _ in range(max_new_tokens - 1):
+        token = step(token).argmax(-1, keepdim=True)
+        tokens.append(token)
+    return torch.cat(tokens, dim=1)

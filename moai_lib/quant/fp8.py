@@ -146,7 +146,8 @@ class Float8Linear(nn.Module):
         """x (..., in) → (..., out) in x's dtype."""
         shape_ok = self.in_features % 16 == 0 and self.out_features % 16 == 0
         backend = resolve_fp8_backend(self.backend, x.device, shape_ok)
-        x2 = x.reshape(-1, self.in_features)
+        # The mixer hands x_proj/out_proj transposed (strided) views; the FP8 GEMM needs row-major rows.
+        x2 = x.reshape(-1, self.in_features).contiguous()
         xq, x_scale = quantize_rows_fp8(x2)
         w_scale = self.weight_scale.float()
         if backend == "scaled_mm":

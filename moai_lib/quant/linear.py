@@ -160,8 +160,7 @@ class QuantizedLinear(nn.Module):
     def _int4mm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed weight, scales-and-offsets (in/g, out, 2) bf16) in the kernel's layout for the buffers'
         device, cached while the buffers are unchanged."""
-        key = (self.qweight.device, self.qweight.data_ptr(), self.qweight._version, self.scales._version,
-               self.zeros._version)
+        key = (self.qweight.device, self.qweight.data_ptr(), *map(_version, (self.qweight, self.scales, self.zeros)))
         if self._int4mm_cache is None or self._int4mm_cache[0] != key:
             if self.qweight.is_cuda:
                 # The CUDA packer reads the even column from the high nibble; ours stores it in the low one.
@@ -184,7 +183,8 @@ class QuantizedLinear(nn.Module):
         if self.resolve_backend(x.device, x.dtype) == "int4mm":
             packed, scales_and_offsets = self._int4mm_weights()
             kernel = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
-            y = kernel(x.reshape(-1, self.in_features).to(torch.bfloat16), packed, self.group_size,
+            # contiguous: the mixer hands x_proj/out_proj transposed (strided) views, which the kernel rejects.
+            y = kernel(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), packed, self.group_size,
                        scales_and_offsets)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
             return y + bias if bias is not None else y
@@ -195,6 +195,12 @@ class QuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {g}, "
                 f"symmetric={self.symmetric}, backend={self.backend}"
                 + (", input_scale" if self.input_scale is not None else ""))
+
+
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter; inference tensors (made under `torch.inference_mode`) have none and
+    cannot be modified in place outside it, so a constant is exact for them."""
+    return -1 if t.is_inference() else t._version
 
 
 @dataclass

@@ -107,6 +107,19 @@ def test_int4mm_kernel_on_cpu_matches_the_dequantized_matmul():
     assert P.sqnr(exact, layer(x)) >= 40.0 and not torch.equal(layer(x), fast)
 
 
+def test_int4mm_takes_strided_inputs_and_inference_mode_weights():
+    # The mixer feeds x_proj/out_proj transposed views; a model quantized under inference_mode has inference
+    # tensors, which have no version counter for the packed-weight cache.
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = QuantizedLinear.from_float(nn.Linear(128, 32), 4, 32, symmetric=False)
+        x = torch.randn(2, 128, 5, dtype=torch.bfloat16).transpose(1, 2)  # (2, 5, 128), not contiguous
+        assert not x.is_contiguous()
+        y = layer(x)
+        assert torch.equal(y, layer(x.contiguous()))
+    assert P.sqnr(F.linear(x.float(), layer.dequantize_weight(), layer.bias), y) >= 40.0
+
+
 def test_explicit_backend_that_cannot_run_is_an_error():
     layer = QuantizedLinear.from_float(nn.Linear(64, 40), 4, 32, False)  # 40 outputs: not a multiple of 16
     layer.backend = "int4mm"
