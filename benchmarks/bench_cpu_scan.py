@@ -1,11 +1,12 @@
-"""CPU time of the selective scan: the sequential reference vs the chunked pure-torch scan (backend "torch").
+"""CPU time of the selective scan: the sequential reference (the anchor) vs the chunked pure-torch scan
+(backend "torch") and the fused C++ scan (backend "cpu"), in the same run.
 
-Question: how much faster is `selective_scan_chunked` than `selective_scan_ref` on CPU, forward and
-forward + backward, at the shapes of a Mamba-130M-like layer (B=1, D=1536, N=16, fp32)?
+Question: how much faster are `selective_scan_chunked` and `selective_scan_fused` than `selective_scan_ref` on
+CPU, forward and forward + backward, at the shapes of a Mamba-130M-like layer (B=1, D=1536, N=16, fp32)?
 
-The run first checks that both give the same output, final state and gradients (max abs diffs printed),
-then times both: median over repeats, each repeat in a window where no other process used the CPU (the
-machine may be shared; a repeat that overlapped foreign CPU load is discarded and retried). Napkin math:
+The run first checks that each gives the reference's output, final state and gradients (max abs diffs
+printed), then times them: median over repeats, each repeat in a window where no other process used the CPU
+(the machine may be shared; a repeat that overlapped foreign CPU load is discarded and retried). Napkin math:
 ns per state update, i.e. per (b, d, l, n) element, each of which costs one exp and ~4 multiply-adds.
 
     python benchmarks/bench_cpu_scan.py [--lengths 256,512,2048] [--call mamba|plain] [--chunk-size T]
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from moai_lib.kernels.cpu import default_chunk_size, selective_scan_chunked  # noqa: E402
+from moai_lib.kernels.cpu_fused import kernel_isa, load_library, selective_scan_fused  # noqa: E402
 from moai_lib.kernels.reference import selective_scan_ref  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "cpu_scan.json")
@@ -63,15 +65,17 @@ def call_scan(fn, args, backward, **kwargs):
     return out, last, {k: v.grad for k, v in leaves.items() if torch.is_tensor(v)}
 
 
-def validate(args, chunk_size):
-    """Max abs differences chunked vs reference: output, final state, and each gradient."""
-    fast = call_scan(selective_scan_chunked, args, backward=True, chunk_size=chunk_size)
+def validate(args, impls):
+    """Max abs differences of each implementation vs the reference: output, final state, and each gradient."""
     ref = call_scan(selective_scan_ref, args, backward=True)
-    diffs = {"out": (fast[0] - ref[0]).abs().max().item(), "last_state": (fast[1] - ref[1]).abs().max().item()}
     scales = {"out": ref[0].abs().max().item(), "last_state": ref[1].abs().max().item()}
-    for name, g in ref[2].items():
-        diffs[f"grad_{name}"] = (fast[2][name] - g).abs().max().item()
-        scales[f"grad_{name}"] = g.abs().max().item()
+    scales.update({f"grad_{name}": g.abs().max().item() for name, g in ref[2].items()})
+    diffs = {}
+    for impl, fn in impls.items():
+        fast = call_scan(fn, args, backward=True)
+        d = {"out": (fast[0] - ref[0]).abs().max().item(), "last_state": (fast[1] - ref[1]).abs().max().item()}
+        d.update({f"grad_{name}": (fast[2][name] - g).abs().max().item() for name, g in ref[2].items()})
+        diffs[impl] = d
     return diffs, scales
 
 
@@ -173,12 +177,18 @@ def main():
             print(f"| {length} | " + " | ".join(cells) + " |", flush=True)
         return
 
+    lib = load_library()
+    if isinstance(lib, str):
+        sys.exit(f"the fused CPU scan is unavailable: {lib}")
+    load_start = os.getloadavg()
     val_len = min(lengths)
-    diffs, scales = validate(make_inputs(**shape, length=val_len, call=opts.call), opts.chunk_size)
-    print(f"validation at L={val_len} (max abs diff chunked vs reference, and the reference's max abs):")
-    for name, d in diffs.items():
-        print(f"  {name:18s} {d:.3e}   (scale {scales[name]:.3e})")
-    worst = max(d / max(scales[k], 1e-30) for k, d in diffs.items())
+    impls = {"chunked": partial(selective_scan_chunked, chunk_size=opts.chunk_size), "fused": selective_scan_fused}
+    diffs, scales = validate(make_inputs(**shape, length=val_len, call=opts.call), impls)
+    print(f"validation at L={val_len} (max abs diff vs reference, and the reference's max abs):")
+    print(f"  {'':18s} {'chunked':>10s} {'fused':>10s}   scale")
+    for name, scale in scales.items():
+        print(f"  {name:18s} {diffs['chunked'][name]:.3e}  {diffs['fused'][name]:.3e}   {scale:.3e}")
+    worst = max(d[k] / max(scales[k], 1e-30) for d in diffs.values() for k in scales)
     if worst > 1e-4:
         sys.exit(f"validation failed: relative error {worst:.2e} > 1e-4")
 
@@ -186,45 +196,56 @@ def main():
     for length in lengths:
         args = make_inputs(**shape, length=length, call=opts.call)
         chunk = opts.chunk_size or default_chunk_size(opts.batch, opts.dim, opts.dstate, length)
+        fns = {"chunked": partial(selective_scan_chunked, chunk_size=chunk), "fused": selective_scan_fused}
         ref_repeats = 2 if length > 1024 else opts.ref_repeats
         row = {"L": length, "chunk_size": chunk, "discarded_runs": 0, "foreign_cpu_s": 0.0}
         elements = opts.batch * opts.dim * opts.dstate * length
         for mode, backward in (("fwd", False), ("fwd_bwd", True)):
-            fast, d1, f1, fast_min = timed(
-                partial(call_scan, selective_scan_chunked, args, backward, chunk_size=chunk), opts.repeats)
-            row[f"chunked_{mode}_ms"], row[f"chunked_{mode}_min_ms"] = fast * 1e3, fast_min * 1e3
-            row[f"chunked_{mode}_ns_per_update"] = fast * 1e9 / elements
+            for impl, fn in fns.items():
+                med, discarded, foreign, fastest = timed(partial(call_scan, fn, args, backward), opts.repeats)
+                row[f"{impl}_{mode}_ms"], row[f"{impl}_{mode}_min_ms"] = med * 1e3, fastest * 1e3
+                row[f"{impl}_{mode}_ns_per_update"] = med * 1e9 / elements
+                row["discarded_runs"] += discarded
+                row["foreign_cpu_s"] += foreign
             if backward and length > opts.ref_backward_max_len:
-                row[f"ref_{mode}_ms"] = row[f"ref_{mode}_min_ms"] = row[f"speedup_{mode}"] = None
-                d2 = f2 = 0
+                row[f"ref_{mode}_ms"] = row[f"ref_{mode}_min_ms"] = None
             else:
-                ref, d2, f2, ref_min = timed(partial(call_scan, selective_scan_ref, args, backward), ref_repeats,
-                                             warmup=False)
+                ref, discarded, foreign, ref_min = timed(partial(call_scan, selective_scan_ref, args, backward),
+                                                         ref_repeats, warmup=False)
                 row[f"ref_{mode}_ms"], row[f"ref_{mode}_min_ms"] = ref * 1e3, ref_min * 1e3
-                row[f"speedup_{mode}"] = ref / fast
-            row["discarded_runs"] += d1 + d2
-            row["foreign_cpu_s"] += f1 + f2
+                row["discarded_runs"] += discarded
+                row["foreign_cpu_s"] += foreign
+            for impl in fns:
+                ref_ms = row[f"ref_{mode}_ms"]
+                row[f"{impl}_speedup_{mode}"] = None if ref_ms is None else ref_ms / row[f"{impl}_{mode}_ms"]
         rows.append(row)
         print(f"L={length}: done", flush=True)
+    load_end = os.getloadavg()
 
     def cell(value, fmt):
         return "n/a" if value is None else fmt.format(value)
 
     print(f"\n{opts.call} call, B={opts.batch} D={opts.dim} N={opts.dstate} fp32, {torch.get_num_threads()} threads "
-          f"({_cpu_model()}), torch {torch.__version__}; median ms\n")
-    print("| L | T | ref fwd | chunked fwd | speedup | ref fwd+bwd | chunked fwd+bwd | speedup | ns/update fwd |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"({_cpu_model()}, fused kernel ISA {kernel_isa()}), torch {torch.__version__}; median ms; load average "
+          f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end\n")
+    print("| L | ref fwd | chunked fwd | fused fwd | fused speedup | chunked speedup | ref fwd+bwd | chunked fwd+bwd "
+          "| fused fwd+bwd | fused speedup | fused ns/update fwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['L']} | {r['chunk_size']} | {r['ref_fwd_ms']:.1f} | {r['chunked_fwd_ms']:.1f} | "
-              f"{r['speedup_fwd']:.1f}x | {cell(r['ref_fwd_bwd_ms'], '{:.0f}')} | {r['chunked_fwd_bwd_ms']:.1f} | "
-              f"{cell(r['speedup_fwd_bwd'], '{:.0f}x')} | {r['chunked_fwd_ns_per_update']:.2f} |")
+        print(f"| {r['L']} | {r['ref_fwd_ms']:.1f} | {r['chunked_fwd_ms']:.1f} | {r['fused_fwd_ms']:.1f} | "
+              f"{r['fused_speedup_fwd']:.1f}x | {r['chunked_speedup_fwd']:.1f}x | "
+              f"{cell(r['ref_fwd_bwd_ms'], '{:.0f}')} | "
+              f"{r['chunked_fwd_bwd_ms']:.1f} | {r['fused_fwd_bwd_ms']:.1f} | "
+              f"{cell(r['fused_speedup_fwd_bwd'], '{:.0f}x')} | {r['fused_fwd_ns_per_update']:.2f} |")
     longest = rows[-1]
     exp_ms, step_ms = floor_ms(opts.batch, opts.dim, opts.dstate, longest["L"], longest["chunk_size"], opts.repeats)
     floor = {"L": longest["L"], "exp2_ms": exp_ms, "sequential_steps_ms": step_ms}
-    print(f"\nnapkin math at L={longest['L']}: exp2 of all B*D*L*N = "
+    print(f"\nnapkin math at L={longest['L']}: in eager torch, exp2 of all B*D*L*N = "
           f"{opts.batch * opts.dim * opts.dstate * longest['L'] / 1e6:.1f}M decays takes {exp_ms:.1f} ms and the "
           f"L sequential (B, N, D) multiply-adds {step_ms:.1f} ms: {exp_ms + step_ms:.1f} ms of the chunked "
-          f"forward's {longest['chunked_fwd_ms']:.1f} ms is that floor.")
+          f"forward's {longest['chunked_fwd_ms']:.1f} ms is that floor. The fused forward takes "
+          f"{longest['fused_fwd_ms']:.1f} ms ({longest['fused_fwd_ns_per_update']:.2f} ns per state update on "
+          f"{torch.get_num_threads()} threads).")
     if any(r["ref_fwd_bwd_ms"] is None for r in rows):
         print(f"\nn/a: the reference's backward is O(L^2) (a full-size gradient per step); not run above "
               f"L={opts.ref_backward_max_len}.")
@@ -234,7 +255,8 @@ def main():
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "machine": {"platform": platform.platform(), "cpu": _cpu_model(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "fused_kernel_isa": kernel_isa(), "load_average_start_end": [load_start, load_end]},
         "config": {**shape, "dtype": "float32", "call": opts.call, "repeats": opts.repeats,
                    "ref_repeats": opts.ref_repeats, "ref_backward_max_len": opts.ref_backward_max_len,
                    "statistic": "median of runs with no foreign CPU load (see discarded_runs, foreign_cpu_s)"},

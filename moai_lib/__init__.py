@@ -5,8 +5,9 @@ Importing this package registers model_type "moai_mamba" with transformers' Auto
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from . import quant  # registers the "moai" quantization method with transformers' from_pretrained
+from . import quant  # noqa: F401  (registers the "moai" quantization method with transformers' from_pretrained)
 from .config import ConfigError, MoaiMambaConfig, get_mamba_config, load_mamba_config, preset_names
+from .errors import MoaiError
 from .model import MoaiMambaCache, MoaiMambaForCausalLM, MoaiMambaModel
 from .model.transformer import (
     MoaiTransformerConfig,
@@ -26,6 +27,7 @@ AutoModelForCausalLM.register(MoaiTransformerConfig, MoaiTransformerForCausalLM,
 
 __all__ = [
     "ConfigError",
+    "MoaiError",
     "MoaiMambaCache",
     "MoaiMambaConfig",
     "MoaiMambaForCausalLM",

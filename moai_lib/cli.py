@@ -2,6 +2,7 @@
 
     moai model-info --config 2b [--verbose]        parameter counts and memory (built on the meta device)
     moai model-info --all-sizes                    one line per preset
+    moai model-info --memory [--config 8b]         training memory per GPU under DDP / FSDP2 (2b, 8b, 16b)
     moai generate --model_path M --tokenizer_path T --prompt "..."
     moai generate ... --input_file prompts.txt --output_file out.json
     moai generate ... --chat
@@ -10,6 +11,10 @@
     moai train --config tiny --data_dir data/packed --output_dir runs/tiny [--max_steps N ...]
     moai train --test                               a quick run on random tokens
     moai train --model_path runs/tiny/model --data_dir ... --quantize --bits 4    QAT, then convert
+    torchrun --nproc_per_node 8 -m moai_lib.cli train --config 8b --distributed fsdp2 ...   (see pretrain.sh)
+    moai train ... --check_only --world_size 16     check inputs and the resume checkpoint, train nothing
+    moai stage NAME [--method M] [--variant V] --params params.yaml [-S key=value]   one pipeline stage
+    moai promote --params params.yaml              register the exported models, set the champion alias
 
 Every input is checked before anything heavy is loaded; a bad one ends the command with exit status 2 and a
 one-line message on stderr (no traceback).
@@ -18,6 +23,7 @@ one-line message on stderr (no traceback).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -25,25 +31,32 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError, load_mamba_config
-from .data.corpus import DataError
+from .config import load_mamba_config
+from .errors import MoaiError
 from .model.generate import Completion, check_generation_args, generate_completions, generate_text
 from .model.info import format_model_info, format_size_summary
 from .train.loop import NonFiniteLossError
-from .train.params import TrainConfigError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
-class UsageError(Exception):
+class UsageError(MoaiError):
     """Bad command-line input; the message says what is wrong and how to fix it."""
 
 
 # model-info ------------------------------------------------------------------------------------------------
 def cmd_model_info(args: argparse.Namespace) -> int:
+    if args.memory:
+        from .train.memory import format_memory_table
+
+        if args.world_size < 1 or args.micro_batch < 1:
+            raise UsageError("--world_size and --micro_batch must be ≥ 1")
+        presets = (args.config,) if args.config is not None else ("2b", "8b", "16b")
+        print(format_memory_table(presets, world_size=args.world_size, micro_batch=args.micro_batch))
+        return 0
     if args.config is None and not args.all_sizes:
-        raise UsageError("model-info needs --config NAME_OR_JSON or --all-sizes")
+        raise UsageError("model-info needs --config NAME_OR_JSON, --all-sizes or --memory")
     if args.config is not None:
         config = load_mamba_config(args.config)
         name = Path(args.config).stem if os.path.exists(args.config) else args.config.lower()
@@ -279,7 +292,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 # train -------------------------------------------------------------------------------------------------------
 # Flags that map 1:1 onto TrainParams fields; unset flags keep the params file's (or the default) value.
-_TRAIN_PARAM_FLAGS = ("batch_size", "gradient_accumulation_steps", "num_epochs", "learning_rate", "max_length",
+_TRAIN_PARAM_FLAGS = ("batch_size", "gradient_accumulation_steps", "global_batch_size", "distributed", "num_epochs",
+                      "learning_rate", "max_length",
                       "max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "eval_every", "eval_batches",
                       "save_every", "seed", "mixed_precision", "time_budget_s")
 _TEST_DEFAULTS = {"max_steps": 10, "max_length": 128, "batch_size": 8}
@@ -287,9 +301,14 @@ _TEST_DEFAULTS = {"max_steps": 10, "max_length": 128, "batch_size": 8}
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import make_random_shards
-    from .train import TrainParams, build_model, check_train_inputs, model_config, pretrain
+    from .train import TrainParams, build_model, check_resume, check_train_inputs, model_config, pretrain
+    from .train.distributed import cpu_only_launch, resolve_strategy, world_size_from_env
 
     _log_to_stderr()
+    world = args.world_size or world_size_from_env()
+    if world < 1:
+        raise UsageError(f"--world_size must be ≥ 1, got {world}")
+    is_main = int(os.environ.get("RANK", "0")) == 0
     overrides = {k: getattr(args, k) for k in _TRAIN_PARAM_FLAGS if getattr(args, k) is not None}
     if args.gradient_checkpointing:
         overrides["gradient_checkpointing"] = True
@@ -320,14 +339,32 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UsageError("--test trains on random tokens: leave out --data_dir")
         seq_len = min(params.max_length, getattr(config, "max_position_embeddings", params.max_length))
         data_dir = output_dir / "test_data"
-        make_random_shards(data_dir, config.vocab_size, seq_len,
-                           train_blocks=max(64, 2 * params.batch_size * params.gradient_accumulation_steps),
-                           valid_blocks=8, seed=params.seed)
+        if world > 1 and not args.check_only:  # one writer; the other ranks wait at the barrier
+            from accelerate import PartialState
+
+            with PartialState(cpu=cpu_only_launch()).main_process_first():
+                if is_main:
+                    _make_test_data(make_random_shards, data_dir, config, seq_len, params, world)
+        else:
+            _make_test_data(make_random_shards, data_dir, config, seq_len, params, world)
     elif args.data_dir is None:
         raise UsageError("train needs --data_dir (shards written by `moai tokenize`), or --test for random data")
     else:
         data_dir = Path(args.data_dir)
-    check_train_inputs(params, source, data_dir)  # everything that can be checked before loading weights
+    # Everything that can be checked before loading weights (and before a launcher holds GPUs).
+    check_train_inputs(params, source, data_dir, world)
+    strategy = resolve_strategy(params.distributed, world)
+    planned = config
+    if args.quantize:  # the QAT model below records these in its config (and so in its checkpoints)
+        planned = copy.deepcopy(config)
+        planned.use_quantization, planned.quantization_bits = True, args.bits
+    latest, _ = check_resume(params, planned, data_dir, output_dir, world)
+    if args.check_only:
+        accumulation = params.accumulation_steps(world)
+        print(f"ok: {world} process(es), {strategy}, global batch {params.batch_size * accumulation * world} = "
+              f"{params.batch_size} × {accumulation} micro-batches × {world}; "
+              + (f"resumes from {latest}" if latest is not None else "starts from scratch"))
+        return 0
 
     finalize = None
     if args.quantize:  # QAT: fake-quantized weights during training (moai_lib.quant), converted at the end
@@ -346,8 +383,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             return quantize_(trained, dataclasses.replace(qat, step="convert"))
 
     metrics = pretrain(params, source, data_dir, output_dir, finalize_model=finalize)
-    _print_train_summary(metrics, output_dir)
+    if is_main:
+        _print_train_summary(metrics, output_dir)
     return 0
+
+
+def _make_test_data(make_random_shards, data_dir: Path, config, seq_len: int, params, world: int) -> None:
+    global_batch = params.batch_size * params.accumulation_steps(world) * world
+    make_random_shards(data_dir, config.vocab_size, seq_len, train_blocks=max(64, 2 * global_batch),
+                       valid_blocks=8, seed=params.seed)
 
 
 def _print_train_summary(metrics: dict, output_dir: Path) -> None:
@@ -373,7 +417,9 @@ def _log_to_stderr() -> None:
     import logging
 
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        # Under torchrun / accelerate launch only rank 0 logs progress; the others log warnings and errors.
+        level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+        logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
 
 
 # parser ------------------------------------------------------------------------------------------------------
@@ -388,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--config", help="preset name (tiny, 130m, ..., 16b), JSON config file or model directory")
     info.add_argument("--all-sizes", action="store_true", help="one summary line per preset")
     info.add_argument("--verbose", action="store_true", help="also print every layer")
+    info.add_argument("--memory", action="store_true",
+                      help="training memory per GPU under DDP and FSDP2 at L=2048/8192 (default presets 2b, 8b, 16b)")
+    info.add_argument("--world_size", type=int, default=8, help="GPUs that FSDP2 shards over (with --memory)")
+    info.add_argument("--micro_batch", type=int, default=1, help="sequences per GPU per micro-batch (with --memory)")
     info.set_defaults(func=cmd_model_info)
 
     gen = sub.add_parser("generate", help="generate text with a saved model (safetensors)",
@@ -443,6 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--params", help="JSON file of TrainParams fields; flags override it")
     train.add_argument("--batch_size", type=int, help="sequences per micro-batch (default 8)")
     train.add_argument("--gradient_accumulation_steps", type=int, help="micro-batches per optimizer step (1)")
+    train.add_argument("--global_batch_size", type=int,
+                       help="sequences per step over all processes; sets the accumulation steps for the world size")
+    train.add_argument("--distributed", choices=("auto", "no", "ddp", "fsdp2"),
+                       help="data-parallel strategy under torchrun/accelerate launch (auto: ddp with >1 process)")
+    train.add_argument("--check_only", action="store_true",
+                       help="check inputs, batch vs. world size and the resume checkpoint; train nothing")
+    train.add_argument("--world_size", type=int,
+                       help="processes the run will have (default: $WORLD_SIZE or 1); for --check_only")
     train.add_argument("--num_epochs", type=float, help="passes over the data (1); --max_steps overrides")
     train.add_argument("--max_steps", type=int, help="optimizer steps of the whole run (sets the schedule)")
     train.add_argument("--learning_rate", type=float, help="peak AdamW learning rate (3e-4)")
@@ -463,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--bits", type=int, choices=(4, 8), default=4, help="QAT weight bits")
     train.add_argument("--group_size", type=int, default=128, help="QAT quantization group size")
     train.set_defaults(func=cmd_train)
+
+    from .pipeline.cli import add_parsers
+
+    add_parsers(sub)  # stage, promote
     return parser
 
 
@@ -471,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UsageError, FileNotFoundError, DataError, TrainConfigError) as exc:
+    except (MoaiError, FileNotFoundError) as exc:  # bad input: the message names the problem and the fix
         message = " ".join(str(exc).split())  # one line, whatever the exception text holds
         print(f"moai {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -33,10 +33,11 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .errors import MoaiError
 from .kernels.dispatch import BACKENDS
 
 
-class ConfigError(ValueError):
+class ConfigError(MoaiError, ValueError):
     """A model configuration is invalid; the message names the field and what would be valid."""
 
 

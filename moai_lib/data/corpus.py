@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import MoaiError
+
 logger = logging.getLogger(__name__)
 
 UNDETERMINED_LANG = "und"
@@ -24,7 +26,7 @@ _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 TEXT_UNITS = ("line", "paragraph", "document")
 
 
-class DataError(ValueError):
+class DataError(MoaiError, ValueError):
     """Bad corpus, tokenizer or shard input; the message names the file or parameter and what would be valid."""
 
 

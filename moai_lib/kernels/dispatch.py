@@ -3,13 +3,16 @@
 Backends:
 - ``reference``: the sequential pure-torch oracle (`reference.py`); slow, any device.
 - ``torch``: the fast pure-torch path (`cpu.py`): chunked parallel scan; any device, differentiable.
+- ``cpu``: the fused C++ scan (`cpu_fused.py`, forward and backward), CPU tensors only; compiled with the system
+  C++ compiler on first use and cached. Available when that build succeeds.
 - ``mamba_ssm``: state-spaces/mamba's CUDA kernels, when the optional package is installed with them.
 - ``triton``: our Triton kernels (`triton_scan.py`: fused scan forward/backward; `triton_decode.py`: decode
   steps). Available when `import triton` works and the tensors are on a CUDA GPU, or on the CPU with
   ``TRITON_INTERPRET=1`` set before triton is first imported (Triton's interpreter: slow, for tests).
   The full-sequence causal conv stays on torch's conv (already fast on every device).
 - ``auto``: the fastest available for the tensors' device: on CUDA ``triton``, then ``mamba_ssm``, then
-  ``torch`` with a warning (once); on other devices ``torch``.
+  ``torch`` with a warning (once); on the CPU ``cpu``, else ``torch`` with a warning (once); on other devices
+  ``torch``.
 
 Asking explicitly for a backend that is unavailable raises `BackendUnavailableError` with the reason.
 Triton is imported lazily (on the first dispatch that asks about it), so `import moai_lib` does not import it.
@@ -25,14 +28,15 @@ import warnings
 
 import torch
 
+from ..errors import MoaiError
 from . import reference
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "torch", "mamba_ssm", "triton")
+BACKENDS = ("auto", "reference", "torch", "cpu", "mamba_ssm", "triton")
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(MoaiError, RuntimeError):
     """An explicitly requested kernel backend cannot run here."""
 
 
@@ -73,6 +77,16 @@ def _triton_unavailable_reason(device: torch.device) -> str | None:
             "Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
 
 
+def _cpu_unavailable_reason(device: torch.device) -> str | None:
+    """None when the fused C++ CPU scan can run on `device`, else why not (builds it on the first call)."""
+    if device.type != "cpu":
+        return f"the fused C++ scan needs tensors on the CPU (got {device.type})"
+    from .cpu_fused import load_library
+
+    lib = load_library()
+    return lib if isinstance(lib, str) else None
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -83,6 +97,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on `device` in this environment (without 'auto')."""
     device = torch.device(device)
     names = ["reference", "torch"]
+    if device.type == "cpu" and _cpu_unavailable_reason(device) is None:
+        names.append("cpu")
     if device.type == "cuda" and not isinstance(_mamba_ssm_ops(), str):
         names.append("mamba_ssm")
     if _triton_unavailable_reason(device) is None:
@@ -96,6 +112,13 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     device = torch.device(device)
     if backend == "auto":
+        if device.type == "cpu":
+            reason = _cpu_unavailable_reason(device)
+            if reason is None:
+                return "cpu"
+            _warn_once(f"the fused C++ CPU selective scan is unavailable: {reason}; falling back to the pure-torch "
+                       "chunked scan (backend 'torch'), several times slower")
+            return "torch"
         if device.type != "cuda":
             return "torch"
         available = available_backends(device)
@@ -108,6 +131,10 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             "falling back to the pure-torch chunked scan, which is much slower on GPU"
         )
         return "torch"
+    if backend == "cpu":
+        reason = _cpu_unavailable_reason(device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend 'cpu' is unavailable: {reason}")
     if backend == "triton":
         reason = _triton_unavailable_reason(device)
         if reason is not None:
@@ -129,6 +156,8 @@ def selective_scan(
         fn = reference.selective_scan_ref
     elif name == "torch":
         from .cpu import selective_scan_chunked as fn
+    elif name == "cpu":
+        from .cpu_fused import selective_scan_fused as fn
     elif name == "triton":
         from .triton_scan import selective_scan_triton as fn
     else:

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, MoaiMambaConfig, load_mamba_config
+from ..errors import MoaiError
 from .mamba import MoaiMambaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ _UNSUPPORTED_MODEL_TYPES = {
 _MAX_LISTED = 20
 
 
-class ConversionError(ValueError):
+class ConversionError(MoaiError, ValueError):
     """A checkpoint or model cannot be converted; the message names the field or the tensors at fault."""
 
 

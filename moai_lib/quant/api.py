@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import MoaiError
+
 logger = logging.getLogger(__name__)
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -38,7 +40,7 @@ INT_GROUP_SIZES = (32, 64, 128)
 STEPS = ("prepare", "convert")
 
 
-class QuantizationError(ValueError):
+class QuantizationError(MoaiError, ValueError):
     """A quantization request that cannot be honoured; the message names the method and the fix."""
 
 

@@ -112,16 +112,26 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 # Save / verify / find / load -----------------------------------------------------------------------------------
-def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, trainer_state: dict) -> Path:
-    """Write checkpoint `step` atomically under `root`; returns its directory. `model` is the unwrapped model."""
+def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module | None,
+                    optimizer: torch.optim.Optimizer | None, scheduler, trainer_state: dict, *,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically under `root`; returns its directory. `model` is the unwrapped model.
+
+    A sharded (FSDP2) run passes the gathered full states instead of `model`/`optimizer`: `model_state`
+    {"state": tensors without duplicate tied names, "metadata": {removed name: kept name}} and
+    `optimizer_state` keyed by parameter index (see `distributed.full_state_dicts`); the files are then the
+    same as a one-process run's, so either resumes the other."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = make_temp_dir(final)
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        if model_state is not None:
+            save_file(model_state["state"], str(tmp / "model.safetensors"), metadata=model_state["metadata"] or None)
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state if optimizer_state is not None
+                                                   else optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -209,17 +219,31 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
 
 
+def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into an unsharded model (before FSDP2 shards it)."""
+    path = Path(path)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+
+
+def read_optimizer_state(path: str | os.PathLike, trainer_state: dict) -> dict:
+    """The full optimizer state dict of a checkpoint, keyed by parameter index."""
+    return _unflatten_optimizer(load_file(str(Path(path) / "optimizer.safetensors")), trainer_state["optimizer"])
+
+
+def restore_rng(path: str | os.PathLike, trainer_state: dict) -> None:
+    _set_rng_state(load_file(str(Path(path) / "rng.safetensors")), trainer_state["rng"])
+
+
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler) -> dict:
     """Restore model weights, optimizer, scheduler and RNG states in place; returns the trainer state."""
     path = Path(path)
     state = read_trainer_state(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                                   state["optimizer"]))
+    load_model_weights(path, model)
+    optimizer.load_state_dict(read_optimizer_state(path, state))
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    restore_rng(path, state)
     return state

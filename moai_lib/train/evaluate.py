@@ -19,11 +19,13 @@ def _eval_indices(n: int, batch_size: int, max_batches: int | None) -> np.ndarra
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: PackedDataset, batch_size: int, max_batches: int | None = None,
-             accelerator=None) -> dict[str, float]:
+             accelerator=None, lockstep: bool = False) -> dict[str, float]:
     """Mean next-token loss and perplexity over `dataset` (each sequence predicts its tokens 1..L-1).
 
     Batches hold one language each, so the per-language figures (``val_loss_<lang>``, ``val_ppl_<lang>``)
-    are exact; with several processes each takes every P-th batch and the sums are reduced.
+    are exact; with several processes each takes every P-th batch and the sums are reduced. `lockstep`
+    (FSDP2, where every forward is a collective): every process runs the same number of forwards, a process
+    without a batch in the last round repeating one whose result it discards.
     """
     was_training = model.training
     model.eval()
@@ -36,6 +38,7 @@ def evaluate(model: torch.nn.Module, dataset: PackedDataset, batch_size: int, ma
                for chunk in np.array_split(sel, math.ceil(len(sel) / batch_size))]
     sums = torch.zeros(n_codes, dtype=torch.float64, device=device)
     counts = torch.zeros(n_codes, dtype=torch.float64, device=device)
+    rounds = math.ceil(len(batches) / world) if lockstep else None
     for b, (code, sel) in enumerate(batches):
         if b % world != rank:
             continue
@@ -44,6 +47,9 @@ def evaluate(model: torch.nn.Module, dataset: PackedDataset, batch_size: int, ma
         out = model(input_ids=x, labels=x, num_items_in_batch=1, use_cache=False)
         sums[code] += out.loss.double()
         counts[code] += x.shape[0] * (x.shape[1] - 1)
+    if lockstep and rank + (rounds - 1) * world >= len(batches):
+        x = dataset.batch(batches[0][1]).to(device)
+        model(input_ids=x, labels=x, num_items_in_batch=1, use_cache=False)
     if accelerator is not None and world > 1:
         sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
     if was_training:

@@ -9,6 +9,10 @@ One optimizer step:
 Everything a resumed run needs (weights, AdamW moments, scheduler, RNG, step) is in each checkpoint, and the
 data order is a pure function of (seed, step): on CPU a run interrupted and resumed ends bitwise equal to an
 uninterrupted one.
+
+Several processes (torchrun / accelerate launch) train data-parallel with DDP or FSDP2 (`params.distributed`,
+see `distributed.py`); rank r of W takes the slice [(m·W + r)·B, +B) of the step's global batch for micro-batch
+m, and checkpoints are consolidated, so a run resumes on another number of processes with the same global batch.
 """
 
 from __future__ import annotations
@@ -30,17 +34,23 @@ import torch
 
 from ..data.shards import PackedDataset, data_fingerprint, read_index
 from ..data.tokenizer import fsync_dir, make_temp_dir, replace_dir
+from . import distributed as dist_utils
 from .checkpoint import (
     checkpoint_name,
     find_latest_checkpoint,
     load_checkpoint,
+    load_model_weights,
+    read_optimizer_state,
+    read_trainer_state,
     remove_stale_temp_dirs,
+    restore_rng,
     rotate_checkpoints,
     save_checkpoint,
 )
 from .evaluate import evaluate, unigram_perplexity
 from .optim import build_optimizer, build_scheduler, resize_token_embeddings
 from .params import TrainConfigError, TrainParams
+from .signature import model_signature, run_signature, signature_changes
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +146,7 @@ def check_train_inputs(params: TrainParams, model_or_config, data_dir: str | os.
         raise TrainConfigError(f"the data's tokenizer has {data_vocab} tokens but the model's vocab_size is "
                                f"{config.vocab_size}: use a model with a large enough vocabulary, or set "
                                "resize_token_embeddings to grow it")
-    global_batch = params.batch_size * params.gradient_accumulation_steps * num_processes
+    global_batch = params.batch_size * params.accumulation_steps(num_processes) * num_processes
     if global_batch > len(train_set):
         raise TrainConfigError(
             f"batch_size × gradient_accumulation_steps × processes = {global_batch} sequences per step, but the "
@@ -145,13 +155,56 @@ def check_train_inputs(params: TrainParams, model_or_config, data_dir: str | os.
     return train_set, valid_set
 
 
-def _run_signature(params: TrainParams, seq_len: int, num_processes: int, total_steps: int, warmup: int,
-                   fingerprint: str) -> dict:
-    """What must not change between a checkpoint and the run that resumes it."""
-    return {"batch_size": params.batch_size, "gradient_accumulation_steps": params.gradient_accumulation_steps,
-            "num_processes": num_processes, "seq_len": seq_len, "seed": params.seed, "total_steps": total_steps,
-            "warmup_steps": warmup, "learning_rate": params.learning_rate, "min_lr_ratio": params.min_lr_ratio,
-            "weight_decay": params.weight_decay, "data_fingerprint": fingerprint}
+def check_resume(params: TrainParams, model_or_config, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                 num_processes: int = 1) -> tuple[Path | None, dict | None]:
+    """The checkpoint a run would resume from (newest complete one, or None) and its trainer state, after
+    checking that it belongs to this run: same model architecture (preset/config), same data, schedule and
+    global batch. Needs no model weights, so a launcher can call it before holding GPUs.
+    Raises `TrainConfigError` naming each changed field."""
+    if not params.resume or find_latest_checkpoint(Path(out_dir) / CHECKPOINT_DIR) is None:
+        return None, None
+    train_set, _ = check_train_inputs(params, model_or_config, data_dir, num_processes)
+    return _resume_point(params, model_or_config, data_dir, out_dir, _plan(params, train_set, num_processes, data_dir))
+
+
+def _resume_point(params: TrainParams, model_or_config, data_dir, out_dir,
+                  plan: dict) -> tuple[Path | None, dict | None]:
+    if not params.resume:
+        return None, None
+    latest = find_latest_checkpoint(Path(out_dir) / CHECKPOINT_DIR)
+    if latest is None:
+        return None, None
+    state = read_trainer_state(latest)
+    saved_model = state.get("model_config")
+    if saved_model is not None:
+        index = read_index(data_dir)
+        config = model_config(model_or_config)
+        vocab = max(config.vocab_size, int(index["vocab_size"])) if params.resize_token_embeddings else None
+        expected = model_signature(config, vocab)
+        diff = [f"{k}: {saved_model.get(k)!r} (checkpoint) ≠ {v!r} (this run)" for k, v in expected.items()
+                if k in saved_model and saved_model[k] != v]
+        if diff:
+            raise TrainConfigError(
+                f"cannot resume from {latest}: it was written for a different model (another preset or config): "
+                f"{'; '.join(diff)}; train the same config, use a new output directory, or resume=False")
+    changes = signature_changes(state["run"], plan["signature"])
+    if changes is not None:
+        raise TrainConfigError(f"cannot resume from {latest}: the run changed {changes}; use a new output "
+                               "directory, or resume=False to start over")
+    return latest, state
+
+
+def _plan(params: TrainParams, train_set: PackedDataset, world: int, data_dir) -> dict:
+    """Accumulation steps, global batch, sampler, schedule length and run signature of a run on `world`."""
+    A = params.accumulation_steps(world)
+    global_batch = params.batch_size * A * world
+    sampler = StepSampler(len(train_set), global_batch, params.seed)
+    total_steps = params.max_steps or max(1, math.ceil(params.num_epochs * sampler.steps_per_epoch))
+    warmup = params.warmup_steps if params.warmup_steps is not None else round(params.warmup_ratio * total_steps)
+    warmup = min(warmup, total_steps - 1) if total_steps > 1 else 0
+    signature = run_signature(params, train_set.seq_len, world, total_steps, warmup, data_fingerprint(data_dir))
+    return {"accumulation": A, "global_batch": global_batch, "sampler": sampler, "total_steps": total_steps,
+            "warmup": warmup, "signature": signature}
 
 
 @contextlib.contextmanager
@@ -218,51 +271,77 @@ def pretrain(
 
     started = time.monotonic()
     out_dir, data_dir = Path(out_dir), Path(data_dir)
-    accelerator = Accelerator(mixed_precision=_resolve_mixed_precision(params.mixed_precision),
-                              step_scheduler_with_optimizer=False)
+    mixed_precision = _resolve_mixed_precision(params.mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False,
+                              cpu=dist_utils.cpu_only_launch())
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    strategy = dist_utils.resolve_strategy(params.distributed, world)
+    fsdp = strategy == "fsdp2"
     train_set, valid_set = check_train_inputs(params, model_or_config, data_dir, world)
     index = read_index(data_dir)
-    A, B = params.gradient_accumulation_steps, params.batch_size
-    global_batch = B * A * world
-    sampler = StepSampler(len(train_set), global_batch, params.seed)
-    total_steps = params.max_steps or max(1, math.ceil(params.num_epochs * sampler.steps_per_epoch))
-    warmup = params.warmup_steps if params.warmup_steps is not None else round(params.warmup_ratio * total_steps)
-    warmup = min(warmup, total_steps - 1) if total_steps > 1 else 0
-    signature = _run_signature(params, train_set.seq_len, world, total_steps, warmup, data_fingerprint(data_dir))
+    plan = _plan(params, train_set, world, data_dir)
+    A, B = plan["accumulation"], params.batch_size
+    global_batch, sampler = plan["global_batch"], plan["sampler"]
+    total_steps, warmup, signature = plan["total_steps"], plan["warmup"], plan["signature"]
     if tokenizer_dir is None and index.get("tokenizer"):
         tokenizer_dir = data_dir / index["tokenizer"]
+    ckpt_root = out_dir / CHECKPOINT_DIR
+    if is_main:
+        remove_stale_temp_dirs(ckpt_root)
+    # Checked before any weights are built: a checkpoint of another model or run fails here.
+    latest, state = _resume_point(params, model_or_config, data_dir, out_dir, plan)
+    accelerator.wait_for_everyone()
 
-    model = build_model(model_or_config, params.seed)
+    from transformers import PreTrainedModel
+
+    # FSDP2 on several processes: only rank 0 builds (or loads) the real model; the others build it on the meta
+    # device and receive their shards from rank 0 after sharding.
+    lean = fsdp and world > 1 and not is_main and not isinstance(model_or_config, PreTrainedModel)
+    model = dist_utils.meta_model(model_or_config) if lean else build_model(model_or_config, params.seed)
     if int(index["vocab_size"]) > model.config.vocab_size:
         resize_token_embeddings(model, int(index["vocab_size"]))
     if params.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    model.to(accelerator.device).train()
-    optimizer = build_optimizer(model, params)
-    scheduler = build_scheduler(optimizer, warmup, total_steps, params.min_lr_ratio)
-
-    ckpt_root = out_dir / CHECKPOINT_DIR
-    step, last_checkpoint, resumed_from = 0, None, None
-    resumed_loss, resumed_eval = None, {}
-    if is_main:
-        remove_stale_temp_dirs(ckpt_root)
-    if params.resume:
-        latest = find_latest_checkpoint(ckpt_root)
+    skeleton = None
+    if fsdp:
+        # Rank 0 loads the consolidated checkpoint's weights before sharding and broadcasts them; the optimizer
+        # is built on the sharded parameters and the checkpoint's full optimizer state scattered into it.
+        if latest is not None and is_main:
+            load_model_weights(latest, model)
+        model.train()
+        full_state = model.state_dict() if is_main and world > 1 else None
+        skeleton = dist_utils.structure_copy(model) if is_main else None
+        dist_utils.apply_fsdp2(model, accelerator.device, mixed_precision)
+        if world > 1:
+            dist_utils.broadcast_from_rank0(model, full_state, accelerator.device)
+        del full_state
+        optimizer = build_optimizer(model, params)
+        scheduler = build_scheduler(optimizer, warmup, total_steps, params.min_lr_ratio)
+        if latest is not None:
+            dist_utils.load_full_optimizer_state(model, optimizer, read_optimizer_state(latest, state))
+            scheduler.load_state_dict(state["scheduler"])
+            restore_rng(latest, state)
+    else:
+        model.to(accelerator.device).train()
+        optimizer = build_optimizer(model, params)
+        scheduler = build_scheduler(optimizer, warmup, total_steps, params.min_lr_ratio)
         if latest is not None:
             state = load_checkpoint(latest, model, optimizer, scheduler)
-            diff = {k: (state["run"].get(k), v) for k, v in signature.items() if state["run"].get(k) != v}
-            if diff:
-                changes = "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in diff.items())
-                raise TrainConfigError(f"cannot resume from {latest}: the run changed ({changes}); use a new "
-                                       "output directory, or resume=False to start over")
-            step, last_checkpoint, resumed_from = int(state["step"]), latest, int(state["step"])
-            resumed_loss, resumed_eval = state.get("train_loss"), state.get("last_eval") or {}
-            logger.info("resumed from %s (step %d of %d)", latest, step, total_steps)
+    step, last_checkpoint, resumed_from = 0, None, None
+    resumed_loss, resumed_eval = None, {}
+    if latest is not None:
+        step, last_checkpoint, resumed_from = int(state["step"]), latest, int(state["step"])
+        resumed_loss, resumed_eval = state.get("train_loss"), state.get("last_eval") or {}
+        logger.info("resumed from %s (step %d of %d)", latest, step, total_steps)
+    arch = model_signature(model.config)
     unigram_ppl = unigram_perplexity(train_set, valid_set) if valid_set is not None and is_main else None
-    model = accelerator.prepare(model)
+    if not fsdp:
+        model = accelerator.prepare(model)
     unwrapped = accelerator.unwrap_model(model)
+    if strategy != "no":
+        logger.info("data-parallel %s over %d processes: global batch %d = %d × %d micro-batches × %d", strategy,
+                    world, global_batch, B, A, world)
 
     seq_len = train_set.seq_len
     tokens_per_step = global_batch * seq_len
@@ -273,18 +352,25 @@ def pretrain(
     train_loss = resumed_loss  # None until a step is taken (JSON has no NaN)
     skipped, consecutive_skips, train_time, steps_run = 0, 0, 0.0, 0
     stopped_early = False
+    forward_context = accelerator.autocast if fsdp else contextlib.nullcontext  # prepare() adds it otherwise
 
     def checkpoint(at_step: int) -> Path:
+        model_state = optimizer_state = None
+        if fsdp:  # a collective: every rank sends its shards to rank 0
+            model_state, optimizer_state = dist_utils.full_state_dicts(model, optimizer)
         if is_main:
-            if not _all_finite(unwrapped):
+            finite = (all(bool(torch.isfinite(t).all()) for t in model_state["state"].values()) if fsdp
+                      else _all_finite(unwrapped))
+            if not finite:
                 raise NonFiniteLossError(
                     f"non-finite weights at step {at_step}: not saving a checkpoint; last good checkpoint: "
                     f"{last_checkpoint or 'none'}", at_step, last_checkpoint)
             epoch, in_epoch = sampler.position(at_step)
-            save_checkpoint(ckpt_root, at_step, unwrapped, optimizer, scheduler, {
+            save_checkpoint(ckpt_root, at_step, None if fsdp else unwrapped, optimizer, scheduler, {
                 "run": signature, "epoch": epoch, "step_in_epoch": in_epoch,
                 "tokens_seen": at_step * tokens_per_step, "last_eval": last_eval, "train_loss": train_loss,
-                "params": params.to_dict()})
+                "params": params.to_dict(), "model_config": arch, "distributed": strategy},
+                model_state=model_state, optimizer_state=optimizer_state)
             rotate_checkpoints(ckpt_root, params.keep_checkpoints)
         accelerator.wait_for_everyone()
         return ckpt_root / checkpoint_name(at_step)
@@ -299,16 +385,19 @@ def pretrain(
             for m in range(A):
                 start = (m * world + rank) * B
                 x = train_set.batch(idx[start:start + B]).to(accelerator.device, non_blocking=True)
-                sync = contextlib.nullcontext() if m == A - 1 else accelerator.no_sync(model)
-                with sync:
-                    out = model(input_ids=x, labels=x, num_items_in_batch=targets_per_step, use_cache=False)
-                    # DDP averages gradients over processes; the loss is already divided by the global token
-                    # count, so scale back up to get the exact global mean.
+                with dist_utils.no_grad_sync(model, accelerator, m == A - 1):
+                    with forward_context():
+                        out = model(input_ids=x, labels=x, num_items_in_batch=targets_per_step, use_cache=False)
+                    # DDP and FSDP2 average gradients over processes; the loss is already divided by the global
+                    # token count, so scale back up to get the exact global mean.
                     accelerator.backward(out.loss * world)
                 loss_sum += out.loss.detach()
             if world > 1:
                 loss_sum = accelerator.reduce(loss_sum, "sum")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm or math.inf)
+            if fsdp:
+                grad_norm = dist_utils.clip_grad_norm(model, params.max_grad_norm or math.inf)
+            else:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm or math.inf)
             step_loss, norm = float(loss_sum), float(grad_norm)
             if not (math.isfinite(step_loss) and math.isfinite(norm)):
                 what = f"loss {step_loss}" if not math.isfinite(step_loss) else f"gradient norm {norm}"
@@ -344,7 +433,8 @@ def pretrain(
                 logger.info("step %d/%d loss %.4f grad_norm %.3f lr %.3g %.0f tok/s", step, total_steps,
                             step_loss, norm, scheduler.get_last_lr()[0], tok_s)
             if valid_set is not None and params.eval_every and step % params.eval_every == 0 and step < total_steps:
-                last_eval = {"step": step, **evaluate(model, valid_set, eval_bs, params.eval_batches, accelerator)}
+                last_eval = {"step": step, **evaluate(model, valid_set, eval_bs, params.eval_batches, accelerator,
+                                                      lockstep=fsdp)}
                 history.append(last_eval)
                 logger.info("step %d: val_loss %.4f val_ppl %.2f", step, last_eval["val_loss"], last_eval["val_ppl"])
             out_of_time = params.time_budget_s is not None and time.monotonic() - started > params.time_budget_s
@@ -364,14 +454,19 @@ def pretrain(
                      "tokens_per_second": steps_run * tokens_per_step / train_time if train_time else 0.0,
                      "skipped_steps": skipped, "resumed_from_step": resumed_from,
                      "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
-                     "mixed_precision": accelerator.mixed_precision, "num_processes": world}
+                     "mixed_precision": accelerator.mixed_precision, "num_processes": world, "distributed": strategy,
+                     "global_batch": global_batch}
     if unigram_ppl is not None:
         metrics["valid_unigram_ppl"] = unigram_ppl
     if not stopped_early:
         if valid_set is not None:
-            last_eval = {"step": step, **evaluate(model, valid_set, eval_bs, params.eval_batches, accelerator)}
+            last_eval = {"step": step, **evaluate(model, valid_set, eval_bs, params.eval_batches, accelerator,
+                                                  lockstep=fsdp)}
             history.append(last_eval)
         metrics.update({k: v for k, v in last_eval.items() if k != "step"})
+        if fsdp:  # gather the full weights into rank 0's plain (unsharded) copy of the model
+            model_state = dist_utils.full_model_state(model)
+            unwrapped = dist_utils.materialize(skeleton, model_state) if is_main else None
         if is_main:
             if not _all_finite(unwrapped):
                 raise NonFiniteLossError(f"non-finite weights after step {step}: the final model is not saved; "

@@ -8,12 +8,15 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..errors import MoaiError
 
-class TrainConfigError(ValueError):
+
+class TrainConfigError(MoaiError, ValueError):
     """Invalid training parameters or inputs; the message names the parameter and what would be valid."""
 
 
 MIXED_PRECISION = ("auto", "no", "bf16")
+DISTRIBUTED = ("auto", "no", "ddp", "fsdp2")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -25,6 +28,13 @@ class TrainParams:
         batch_size: sequences per micro-batch on each device.
         gradient_accumulation_steps: micro-batches per optimizer step; the loss is the exact mean over all
             tokens of the step (the model gets `num_items_in_batch`), not a mean of micro-batch means.
+        global_batch_size: sequences per optimizer step over all processes; when set, gradient_accumulation_steps
+            is derived as global_batch_size / (batch_size × world size), which must divide exactly. The global
+            batch is what a resumed run must keep: with it fixed, a run may resume on a different number of GPUs.
+        distributed: "auto" (env MOAI_DISTRIBUTED if set, else "ddp" with several processes, "no" with one),
+            "no", "ddp" (DistributedDataParallel through accelerate) or "fsdp2" (`fully_shard` per Mamba layer:
+            weights, gradients and AdamW states sharded over the processes). Launch with torchrun or
+            `accelerate launch`; see `moai_lib.train.distributed`.
         num_epochs: passes over the training blocks (fractions allowed); ignored when `max_steps` is set.
         max_steps: optimizer steps of the whole run; it also sets the length of the cosine schedule.
         learning_rate: peak learning rate of AdamW.
@@ -57,6 +67,8 @@ class TrainParams:
 
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None
+    distributed: str = "auto"
     num_epochs: float = 1.0
     max_steps: int | None = None
     learning_rate: float = 3e-4
@@ -107,6 +119,7 @@ class TrainParams:
 
         integer("batch_size", 1)
         integer("gradient_accumulation_steps", 1)
+        integer("global_batch_size", 1, optional=True)
         number("num_epochs", 0, low_open=True)
         integer("max_steps", 1, optional=True)
         number("learning_rate", 0, low_open=True)
@@ -133,6 +146,11 @@ class TrainParams:
         if self.mixed_precision not in MIXED_PRECISION:
             raise TrainConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
                                    f"got {self.mixed_precision!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise TrainConfigError(f"distributed must be one of {', '.join(DISTRIBUTED)}, got {self.distributed!r}")
+        if self.global_batch_size is not None and self.global_batch_size % self.batch_size:
+            raise TrainConfigError(f"global_batch_size {self.global_batch_size} must be a multiple of batch_size "
+                                   f"{self.batch_size} (× the number of processes)")
         if self.nan_policy not in NAN_POLICIES:
             raise TrainConfigError(f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
 
@@ -148,6 +166,24 @@ class TrainParams:
             raise TrainConfigError(f"unknown training parameter(s) {', '.join(unknown)}; valid: "
                                    f"{', '.join(sorted(known))}")
         return cls(**{**data, **overrides})
+
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Micro-batches per optimizer step on `num_processes` processes (see `global_batch_size`)."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_micro = self.batch_size * num_processes
+        if self.global_batch_size % per_micro:
+            raise TrainConfigError(
+                f"global_batch_size {self.global_batch_size} is not divisible by batch_size {self.batch_size} × "
+                f"world size {num_processes} = {per_micro}: choose a number of processes (GPUs) or a batch_size "
+                f"such that batch_size × processes divides {self.global_batch_size}")
+        steps = self.global_batch_size // per_micro
+        if self.gradient_accumulation_steps not in (1, steps):
+            raise TrainConfigError(
+                f"gradient_accumulation_steps {self.gradient_accumulation_steps} contradicts global_batch_size "
+                f"{self.global_batch_size} = batch_size {self.batch_size} × world size {num_processes} × {steps}: "
+                "set only one of them")
+        return steps
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides: Any) -> TrainParams:

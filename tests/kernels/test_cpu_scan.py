@@ -1,17 +1,19 @@
-"""The fast pure-torch scan (`kernels/cpu.py`) against the reference oracle, the dispatch routing, and the
-decode-step references (`selective_state_update_ref`, `causal_conv1d_update_ref`) against their full-sequence
-references."""
+"""The fast CPU scans (`kernels/cpu.py`: chunked pure torch; `kernels/cpu_fused.py`: fused C++) against the
+reference oracle, the dispatch routing, and the decode-step references (`selective_state_update_ref`,
+`causal_conv1d_update_ref`) against their full-sequence references."""
 
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moai_lib.kernels import dispatch
+from moai_lib.kernels import cpu_fused, dispatch
 from moai_lib.kernels.cpu import selective_scan_chunked
+from moai_lib.kernels.cpu_fused import selective_scan_fused
 from moai_lib.kernels.reference import (
     causal_conv1d_ref,
     causal_conv1d_update_ref,
@@ -21,9 +23,9 @@ from moai_lib.kernels.reference import (
 
 # Error budget (rtol, atol) per input dtype, relative to the reference's own scale, elementwise:
 # |fast - ref| <= atol * max|ref| + rtol * |ref|. fp32: both compute in fp32 and differ only in summation
-# order and exp2 vs exp (observed <= 4e-7 of the scale). bf16: both compute in fp32 from the same bf16
-# inputs, but outputs and gradients are rounded to bf16, where one rounding flip is up to 2**-7 = 7.8e-3
-# of the value (observed <= 5e-5 of the scale).
+# order and exp2 vs exp (observed <= 4e-7 of the scale; <= 7e-7 with the fused kernel's polynomial exp/log).
+# bf16: both compute in fp32 from the same bf16 inputs, but outputs and gradients are rounded to bf16, where
+# one rounding flip is up to 2**-7 = 7.8e-3 of the value (observed <= 5e-5 of the scale).
 TOLERANCES = {
     torch.float32: {"out": (1e-4, 1e-5), "grad": (1e-4, 1e-5)},
     torch.bfloat16: {"out": (1e-2, 1e-3), "grad": (1e-2, 1e-3)},
@@ -99,8 +101,8 @@ def _assert_close(actual, expected, tol, what):
     )
 
 
-def _compare(args, softplus, dtype, **kwargs):
-    fast = _run(selective_scan_chunked, args, softplus, **kwargs)
+def _compare(args, softplus, dtype, fn=selective_scan_chunked, **kwargs):
+    fast = _run(fn, args, softplus, **kwargs)
     ref = _run(selective_scan_ref, args, softplus)
     tol = TOLERANCES[dtype]
     _assert_close(fast[0], ref[0], tol["out"], "output")
@@ -174,6 +176,114 @@ def test_rejects_bad_shapes_and_chunk_size():
         selective_scan_chunked(args["u"], args["delta"], args["A"][:2], args["B"], args["C"])
 
 
+# ---- fused C++ scan (backend "cpu") ---------------------------------------------------------------------
+
+needs_fused = pytest.mark.skipif(isinstance(cpu_fused.load_library(), str),
+                                 reason=f"fused CPU scan unavailable: {cpu_fused.load_library()}")
+
+
+@pytest.fixture(params=["best", "base"])
+def isa(request, monkeypatch):
+    """Run the fused kernel with the best instruction set here and with the portable baseline copy."""
+    monkeypatch.setitem(cpu_fused._ISA, "value", -1 if request.param == "best" else 0)
+    return request.param
+
+
+@needs_fused
+@pytest.mark.parametrize("length", [1, 7, 64, 65, 130])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_fused_matches_reference_fp32(length, options, isa):
+    args, softplus = _inputs(2, 5, 4, length, OPTIONS[options])
+    _compare(args, softplus, torch.float32, fn=selective_scan_fused)
+
+
+@needs_fused
+@pytest.mark.parametrize("dstate", [1, 8, 16, 17, 32])
+def test_fused_state_sizes(dstate, isa):
+    """N is padded to whole 8-float vectors inside the kernel: 1..32 in one, two, three or four of them."""
+    args, softplus = _inputs(2, 3, dstate, 70, OPTIONS["all"])
+    _compare(args, softplus, torch.float32, fn=selective_scan_fused)
+
+
+@needs_fused
+@pytest.mark.parametrize("length", [7, 130])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_fused_matches_reference_bf16(length, options):
+    args, softplus = _inputs(2, 6, 16, length, OPTIONS[options], dtype=torch.bfloat16)
+    _compare(args, softplus, torch.bfloat16, fn=selective_scan_fused)
+
+
+@needs_fused
+def test_fused_strided_inputs_and_threads(monkeypatch):
+    """Non-contiguous (B, L, D)-major inputs, as the model's splits are, read in place through their strides;
+    several threads (rows handed out in blocks, B/C gradients reduced over threads) give the same result."""
+    args, softplus = _inputs(2, 40, 16, 90, OPTIONS["all"])
+    for name in ("u", "delta", "z", "B"):
+        args[name] = args[name].transpose(1, 2).contiguous().transpose(1, 2)
+        assert not args[name].is_contiguous()
+    _compare(args, softplus, torch.float32, fn=selective_scan_fused)
+    one = _run(selective_scan_fused, args, softplus)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        three = _run(selective_scan_fused, args, softplus)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(three[0], one[0], rtol=0, atol=0)  # rows are independent: bitwise equal
+    torch.testing.assert_close(three[1], one[1], rtol=0, atol=0)
+    for name in one[2]:
+        torch.testing.assert_close(three[2][name], one[2][name], rtol=1e-6, atol=1e-6)  # B, C: summation order
+
+
+@needs_fused
+def test_fused_extreme_decays_stay_finite_and_match(isa):
+    args, softplus = _inputs(2, 4, 6, 40, OPTIONS["all"], delta_scale=20.0, a_min=-1e3)
+    assert F.softplus(args["delta"] + args["delta_bias"][:, None]).max() > 15
+    out, last, grads = _run(selective_scan_fused, args, softplus)
+    assert torch.isfinite(out).all() and torch.isfinite(last).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    _compare(args, softplus, torch.float32, fn=selective_scan_fused)
+
+
+@needs_fused
+def test_fused_empty_sequence_and_large_state():
+    args, softplus = _inputs(2, 3, 4, 0, OPTIONS["all"])
+    out, last, grads = _run(selective_scan_fused, args, softplus)
+    assert out.shape == (2, 3, 0) and grads["u"].shape == (2, 3, 0)
+    torch.testing.assert_close(last, args["initial_state"])
+    args, softplus = _inputs(1, 2, 40, 9, OPTIONS["all"])  # N > 32: handed to the chunked scan
+    _compare(args, softplus, torch.float32, fn=selective_scan_fused)
+
+
+@needs_fused
+def test_fused_partial_requires_grad_and_no_grad():
+    """Only some inputs need gradients (a frozen layer), or none (inference: no checkpoints are kept)."""
+    args, softplus = _inputs(1, 4, 16, 33, OPTIONS["mamba"])
+    u = args["u"].clone().requires_grad_()
+    out = selective_scan_fused(u, args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
+                               args["delta_bias"], softplus)
+    ref = selective_scan_ref(u, args["delta"], args["A"], args["B"], args["C"], args["D"], args["z"],
+                             args["delta_bias"], softplus)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(torch.autograd.grad(out, u, g)[0], torch.autograd.grad(ref, u, g)[0],
+                               rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(selective_scan_fused(u, args["delta"], args["A"], args["B"], args["C"],
+                                                        args["D"], args["z"], args["delta_bias"], softplus),
+                                   ref.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_build_failure_is_reported(tmp_path, monkeypatch):
+    """A compiler error surfaces as an exception with the compiler's message (load_library turns it into the
+    reason string that dispatch reports)."""
+    monkeypatch.setenv("MOAI_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_fused, "SOURCE", tmp_path / "broken.cpp")
+    (tmp_path / "broken.cpp").write_text("this is not C++\n")
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_fused._build("g++" if shutil.which("g++") else "c++")
+    assert not list(tmp_path.glob("*.so"))
+
+
 # ---- dispatch --------------------------------------------------------------------------------------------
 
 
@@ -188,13 +298,18 @@ def _spy(monkeypatch, module, name, calls):
     monkeypatch.setattr(module, name, wrapper)
 
 
-@pytest.mark.parametrize("backend,expected", [("torch", "selective_scan_chunked"), ("auto", "selective_scan_chunked"),
-                                              ("reference", "selective_scan_ref")])
+@pytest.mark.parametrize("backend,expected", [
+    ("torch", "selective_scan_chunked"),
+    pytest.param("auto", "selective_scan_fused", marks=needs_fused),
+    pytest.param("cpu", "selective_scan_fused", marks=needs_fused),
+    ("reference", "selective_scan_ref"),
+])
 def test_dispatch_routes_selective_scan(monkeypatch, backend, expected):
     from moai_lib.kernels import cpu, reference
 
     calls = []
     _spy(monkeypatch, cpu, "selective_scan_chunked", calls)
+    _spy(monkeypatch, cpu_fused, "selective_scan_fused", calls)
     _spy(monkeypatch, reference, "selective_scan_ref", calls)
     args, softplus = _inputs(1, 3, 4, 9, OPTIONS["all"])
     out, last = dispatch.selective_scan(
@@ -208,6 +323,19 @@ def test_dispatch_routes_selective_scan(monkeypatch, backend, expected):
     )
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch_without_fused_library_falls_back_with_a_warning(monkeypatch):
+    """'auto' on the CPU takes the chunked torch scan (warning once) when the C++ kernel cannot be built; an
+    explicit 'cpu' raises with the reason."""
+    monkeypatch.setattr(cpu_fused, "load_library", lambda: "no C++ compiler (test)")
+    dispatch._warn_once.cache_clear()
+    assert "cpu" not in dispatch.available_backends("cpu")
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler \\(test\\).*falling back"):
+        assert dispatch.resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(dispatch.BackendUnavailableError, match="backend 'cpu' is unavailable: no C"):
+        dispatch.resolve_backend("cpu", "cpu")
+    dispatch._warn_once.cache_clear()
 
 
 def test_dispatch_rejects_unknown_backend():
