@@ -53,3 +53,14 @@ def tiny_model_dir(tmp_path_factory, sample_tokenizer_dir) -> Path:
     path = tmp_path_factory.mktemp("tiny_model")
     model.save_pretrained(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (the S3 flow run, pretrain.sh under torchrun: minutes each) run only when asked for
+    with `-m slow` (scripts/test.sh -m slow), so the default suite stays within ~10 minutes on 2 cores."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

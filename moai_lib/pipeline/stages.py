@@ -246,11 +246,16 @@ def stage_quantize(params: PipelineParams, method: str) -> dict:
     quantize_(model, config, filter_fn)
     calibrated = params.quantize.method_type(method) in CALIBRATED
     if calibrated:
+        # Calibrate on the GPU when there is one: GPTQ/AWQ run the whole model over the calibration set and
+        # solve per-layer problems, hours on CPU for a few-hundred-million-parameter model.
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
         batches = calibration_batches(params)
         with torch.no_grad():
             for batch in batches:
-                model(batch, use_cache=False)
+                model(batch.to(device), use_cache=False)
         quantize_(model, dataclasses.replace(config, step="convert"))
+        model.to("cpu")
     with staged_dir(params.path("quantized_model", method=method)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         _copy_tokenizer(source, tmp)

@@ -38,13 +38,3 @@ def tiny_config(sample_tokenizer_dir):
     return get_mamba_config("tiny", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
 
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked `slow` here (fresh interpreters under torchrun) run only when asked for with -m slow."""
-    if "slow" in (config.getoption("markexpr") or ""):
-        return
-    here = Path(__file__).parent
-    skip = pytest.mark.skip(reason="slow: run with -m slow")
-    for item in items:
-        if "slow" in item.keywords and here in Path(item.path).parents:
-            item.add_marker(skip)
