@@ -61,7 +61,7 @@ class MoaiMambaConfig(PretrainedConfig):
         pad_vocab_size_multiple: pad the vocabulary to this multiple (8 as in state-spaces/mamba).
         residual_in_fp32: keep the residual stream in fp32 under bf16/fp16 (as state-spaces/mamba).
         use_fast_scan: use the fast scan backend (`kernel_backend`); False forces the sequential reference.
-        kernel_backend: "auto", "reference", "torch", "triton" or "mamba_ssm" (see `moai_lib.kernels.dispatch`).
+        kernel_backend: "auto", "reference", "cpu", "torch", "triton" or "mamba_ssm" (see `moai_lib.kernels.dispatch`).
         use_checkpoint: enable activation (gradient) checkpointing of every layer when the model is built.
         use_quantization / quantization_bits: record that the model is meant for quantization-aware training
             at this many bits (4 or 8); the quantization code reads these.
