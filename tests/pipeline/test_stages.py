@@ -4,6 +4,7 @@ the previous outputs as they were and nothing half-written; running it again com
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from pipeline_helpers import make_root, tree_state
@@ -98,3 +99,47 @@ def test_pretrain_failure_then_resume(done, monkeypatch):
     changed = run_stage("pretrain", PipelineParams.load(params.root / "params.yaml",
                                                         overrides=["pretrain.learning_rate=1e-3"]))
     assert changed["completed"] and changed["resumed_from_step"] is None and changed["step"] == 8
+
+
+def test_failed_export_then_rerun_registers_each_variant_once(done, tmp_path_factory, monkeypatch):
+    """Export dies half-way (one variant exported, the next one failing): what is in place is complete (each
+    variant is written to a temp dir and renamed), nothing temporary is left; the re-run completes, and
+    promotion registers exactly one version per variant, also when run twice."""
+    from mlflow import MlflowClient
+    from mlflow_fixtures import fresh_store
+
+    from moai_lib.pipeline.registry import register_and_promote
+
+    params, _ = done
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MOAI_PIPELINE_ID", raising=False)
+    exports = params.path("export", variant="bf16").parent
+    shutil.rmtree(exports)
+    calls = []
+    real = __import__("moai_lib.pipeline.export", fromlist=["export_model"]).export_model
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(kwargs.get("variant"))
+        if len(calls) == 2:
+            raise RuntimeError("injected failure in the middle of the export")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("moai_lib.pipeline.export.export_model", dies_on_second)
+    with pytest.raises(RuntimeError, match="injected"):
+        run_stage("export", params)
+    left = sorted(p.name for p in exports.iterdir())
+    assert left == [calls[0]], left  # the first variant complete, no temp dir of the second
+    assert (exports / calls[0] / "README.md").is_file() and (exports / calls[0] / "config.json").is_file()
+    monkeypatch.undo()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MOAI_PIPELINE_ID", raising=False)
+    run_stage("export", params)
+    uri = fresh_store(tmp_path_factory, params.root)
+    tracked = PipelineParams.load(params.root / "params.yaml", overrides=["tracking.enabled=true"])
+    first = register_and_promote(tracked)
+    second = register_and_promote(tracked)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = client.search_model_versions(f"name='{first['model_name']}'")
+    assert sorted(v.tags["variant"] for v in versions) == sorted(params.variants())
+    assert second["registered"] == [] and first["champion"] == second["champion"]
+    assert client.get_model_version_by_alias(first["model_name"], "champion").tags["variant"] == first["champion"]
