@@ -79,6 +79,7 @@ TAG_DVC_STAGE = "moai.dvc_stage"
 TAG_METAFLOW_RUN_ID = "moai.metaflow_run_id"
 TAG_PARAMS_SHA = "moai.params_sha256"
 TAG_ERROR = "moai.error"
+TAG_RESUMED = "moai.resumed"  # how many times an interrupted stage run was continued
 _MLFLOW_PARENT = "mlflow.parentRunId"
 _MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 
@@ -383,6 +384,20 @@ def flush_spool(client, uri: str, root: str | os.PathLike) -> int:
     return sent
 
 
+def _interrupted_stage_run(client, experiment_id: str, parent_id: str, stage: str, params: Mapping[str, Any]):
+    """The newest run of `stage` under `parent_id` that did not finish (FAILED, KILLED, or RUNNING after a
+    kill -9) and was logged with the same params, or None. Re-running a stage after a crash (a resumed training
+    run, a repaired quantization) thus continues the same MLflow run instead of leaving a failed one behind."""
+    runs = client.search_runs(
+        [experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`{_MLFLOW_PARENT}` = '{parent_id}' and tags.`{TAG_STAGE}` = '{stage}'")
+    if not runs or runs[0].info.status == "FINISHED":
+        return None
+    logged = runs[0].data.params
+    wanted = {_key(k): _text(v, _MAX_PARAM_LEN) for k, v in flatten(params).items()}
+    return runs[0] if all(logged.get(k) == v for k, v in wanted.items()) else None
+
+
 @contextlib.contextmanager
 def _http_env(timeout_s: float, retries: int = 0) -> Iterator[None]:
     """MLflow retries an HTTP request 7 times with exponential backoff and a 120 s timeout by default (minutes
@@ -452,6 +467,22 @@ def connect(settings: TrackingParams, root: str | os.PathLike):
     return client, experiment_id, uri
 
 
+@contextlib.contextmanager
+def _root_lock(root: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock file in the run's spool directory (processes on one machine: DVC stages, local
+    Metaflow branches). Across machines the oldest-parent-wins rule of `_find_or_create_parent` still applies."""
+    import fcntl
+
+    lock_dir = spool_dir(root)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / "parent.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _find_or_create_parent(client, experiment_id: str, pipeline_id: str, tags: dict[str, str]) -> str:
     def parents() -> list:
         return client.search_runs(
@@ -511,11 +542,18 @@ def stage_run(stage: str, params: Mapping[str, Any], *, settings: TrackingParams
     try:
         parent_tags = {**common, TAG_PARAMS_SHA: params_file_sha256(root), TAG_DVC_STAGE: None,
                        TAG_METAFLOW_RUN_ID: extra.get(TAG_METAFLOW_RUN_ID)}
-        parent_id = _find_or_create_parent(client, experiment_id, pid,
-                                           {k: str(v) for k, v in parent_tags.items() if v is not None})
-        run = client.create_run(experiment_id, run_name=stage,
-                                tags={_MLFLOW_PARENT: parent_id,
-                                      **{k: _text(v, _MAX_TAG_LEN) for k, v in stage_tags.items() if v is not None}})
+        with _root_lock(root):  # stages started together on this machine agree on one parent
+            parent_id = _find_or_create_parent(client, experiment_id, pid,
+                                               {k: str(v) for k, v in parent_tags.items() if v is not None})
+        run_tags = {k: _text(v, _MAX_TAG_LEN) for k, v in stage_tags.items() if v is not None}
+        run = _interrupted_stage_run(client, experiment_id, parent_id, stage, params)
+        if run is not None:  # the same stage with the same params died under this parent: continue its run
+            client.update_run(run.info.run_id, status="RUNNING")
+            client.set_tag(run.info.run_id, TAG_RESUMED, str(int(run.data.tags.get(TAG_RESUMED, "0")) + 1))
+            if TAG_ERROR in run.data.tags:
+                client.delete_tag(run.info.run_id, TAG_ERROR)
+        else:
+            run = client.create_run(experiment_id, run_name=stage, tags={_MLFLOW_PARENT: parent_id, **run_tags})
     except Exception as e:  # noqa: BLE001 - the store answered the check but failed now: same policy
         if settings.on_failure == "fail":
             raise TrackingUnavailableError(_unavailable_message(uri, settings.resolve_uri(root)[1], e)) from e

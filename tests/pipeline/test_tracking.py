@@ -125,12 +125,21 @@ def test_failed_stage_is_marked_failed_and_reraises(run_root):
     assert run.data.tags["moai.error"] == "RuntimeError: boom"
     (parent,) = runs(run_root, "pipeline")
     assert parent.info.status == "FAILED"
-    # The repaired re-run lands under the same parent, which is FINISHED again.
+    # The repaired re-run (same stage, same params) continues the same run, under the same parent; both are
+    # FINISHED again.
     with stage_run("pretrain", {"lr": 1}, settings=ON, root=run_root) as rerun:
-        pass
+        rerun.log_metrics({"val_ppl": 3.0})
     (parent2,) = runs(run_root, "pipeline")
     assert parent2.info.run_id == parent.info.run_id == rerun.parent_run_id
     assert parent2.info.status == "FINISHED"
+    (resumed,) = runs(run_root, "stage")
+    assert resumed.info.run_id == run.info.run_id == rerun.run_id
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["moai.resumed"] == "1"
+    assert "moai.error" not in resumed.data.tags and resumed.data.metrics["val_ppl"] == 3.0
+    # With other params it is another run.
+    with stage_run("pretrain", {"lr": 2}, settings=ON, root=run_root) as other:
+        pass
+    assert other.run_id != run.info.run_id and len(runs(run_root, "stage")) == 2
 
 
 def test_pipeline_id_rule(run_root, monkeypatch):
