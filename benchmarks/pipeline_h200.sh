@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Copied from the session's device folder: expects .gpuin/{whl,corpus,params.yaml,SOURCES.md} (wheels for the GPU image,
-# ../shared/corpus/large, params/h200.yaml with corpus paths corpus/*.jsonl.gz and tracking off); resumable: a
-# stage whose metrics file exists is skipped. Run on the GPU machine: LIMIT=540 bash benchmarks/pipeline_h200.sh
-# One H200 call: the pipeline stages on the large corpus through the stage CLI, resumable across calls.
+# One H200 call: the pipeline stages on the large corpus through the stage CLI, resumable across calls while the
+# machine stays warm (a stage whose metrics file exists in /tmp/run is skipped). Reads .gpuin/ (wheels, corpus,
+# params): build it first with benchmarks/prepare_gpuin.sh. Run on the GPU machine: LIMIT=555 bash benchmarks/pipeline_h200.sh
+# Results (metrics, reports, per-variant evaluation) come back as $OUT/results.tgz, the log as $OUT/run.log.
 START=$(date +%s); LIMIT=${LIMIT:-500}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 exec > >(tee -a $OUT/run.log) 2>&1
