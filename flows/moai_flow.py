@@ -1,7 +1,8 @@
 """The MOAI pipeline as a Metaflow flow: the same stages as `dvc.yaml`, each step a thin call of
 `moai_lib.pipeline.stages.run_stage`.
 
-    start → tokenize → pretrain → qat → quantize (foreach method) → join → evaluate_variants
+    start → tokenize → pretrain (@parallel: nodes) → pretrain_join → qat → quantize (foreach method) → join
+          → evaluate_variants
           → evaluate (foreach variant) → report → export → promote → end
 
 Run it from the repository root (relative paths in the params file resolve against the current directory):
@@ -14,7 +15,13 @@ Run it from the repository root (relative paths in the params file resolve again
 Params. The Config `pipeline` is the DVC params file (default `params.yaml`), parsed once at launch and
 stored with the run, so remote steps see the same values. Its optional `resources:` section sets Metaflow's
 `@resources` per step (`resources.pretrain.gpu`, `.memory`, `.cpu`, `.disk`) and the `@retry` count of the
-quantize and evaluate branches (`resources.quantize.retries`, default 1); DVC ignores it. `--overrides` takes
+quantize and evaluate branches (`resources.quantize.retries`, default 1); DVC ignores it.
+`resources.pretrain.nodes` (default 1) and `.processes` (per node; default: its GPUs, else 1) make pretraining
+distributed: the pretrain step runs on `nodes` machines (`@parallel`; gangs on Kubernetes and AWS Batch
+multi-node jobs) and each starts `torchrun --nnodes N --node_rank i --nproc_per_node P` of the same stage (DDP or
+FSDP2 per `pretrain.distributed`); rank 0 on node 0 writes the model, its MLflow run is the step's. With one
+node and one process the stage runs in the step's own process. Resuming a multi-node run after a failure needs
+`paths.checkpoints` on storage every node shares (the train loop refuses ranks that see different checkpoints). `--overrides` takes
 "a.b=value" items separated by ";" (as `moai stage -S`); they change the stages, not `@resources`.
 
 Data between steps. Every step works in its own fresh directory (the step root, under $MOAI_FLOW_WORKDIR or
@@ -44,8 +51,12 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -59,14 +70,21 @@ from metaflow import (
     config_expr,
     current,
     package_sources,
+    parallel,
     resources,
     retry,
     step,
 )
 
+# Metaflow's local runtime starts the worker tasks of a @parallel step with `python` from PATH: make that the
+# interpreter running this flow (a virtual environment that was not activated would otherwise be skipped).
+if os.path.dirname(sys.executable) not in os.environ.get("PATH", "").split(os.pathsep)[:1]:
+    os.environ["PATH"] = os.pathsep.join(filter(None, [os.path.dirname(sys.executable), os.environ.get("PATH")]))
+
 BASE_VARIANTS = ("bf16", "qat")  # the variants that are not quantize methods (moai_lib.pipeline.params)
 RESOURCE_DEFAULTS = {"cpu": 1, "memory": 4096, "gpu": None, "disk": None,  # Metaflow's @resources defaults
-                     "retries": 1}  # @retry of the quantize and evaluate branches (0: fail at once)
+                     "retries": 1,  # @retry of the quantize and evaluate branches (0: fail at once)
+                     "nodes": 1, "processes": None}  # pretrain: machines, and torchrun processes per machine
 # The first components of the default output paths (moai_lib.pipeline.params.DEFAULT_PATHS) and of `paths:` are
 # never linked from the launch directory into a step root: a stage must not write through a link into it.
 DEFAULT_OUTPUT_TOPS = ("outputs", "metrics", "reports")
@@ -78,6 +96,18 @@ def _resource(cfg, step_name: str, key: str):
     """resources.<step>.<key> of the params file, else Metaflow's default."""
     section = (cfg.get("resources") or {}).get(step_name) or {}
     return section.get(key, RESOURCE_DEFAULTS[key])
+
+
+def _processes_per_node(cfg) -> int:
+    """resources.pretrain.processes, else one per GPU of resources.pretrain.gpu, else 1."""
+    procs = _resource(cfg, "pretrain", "processes") or _resource(cfg, "pretrain", "gpu") or 1
+    return int(procs)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _input_paths(cfg) -> list[str]:
@@ -214,8 +244,9 @@ class MoaiPipelineFlow(FlowSpec):
         """The MLflow parent run of this Metaflow run (`moai.pipeline_id`)."""
         return f"metaflow:{current.flow_name}/{current.run_id}"
 
-    def _run(self, name: str, inputs=(), **which) -> tuple[dict, bytes]:
-        """Unpack `inputs` into a fresh step root, run the stage there, and pack what it wrote: (metrics, bundle)."""
+    def _run(self, name: str, inputs=(), launch=None, **which) -> tuple[dict, bytes]:
+        """Unpack `inputs` into a fresh step root, run the stage there, and pack what it wrote: (metrics, bundle).
+        `launch(root, params)`, when given, runs the stage's work in other processes (torchrun)."""
         from moai_lib.pipeline.stages import run_stage
 
         root = self._root()
@@ -223,12 +254,35 @@ class MoaiPipelineFlow(FlowSpec):
             _unpack(blob, root)
         params = self._params(root)
         before = _snapshot(root)
-        metrics = run_stage(name, params, **which, pipeline_id=self._pipeline_id(),
+        execute = (lambda: launch(root, params)) if launch else None
+        metrics = run_stage(name, params, **which, pipeline_id=self._pipeline_id(), execute=execute,
                             tags={"metaflow_run_id": current.run_id, "moai.metaflow_pathspec": current.pathspec,
                                   "moai.git_commit": self.git_commit})
         bundle = _pack(root, before, exclude=[root / params.paths["checkpoints"]])
         shutil.rmtree(root, ignore_errors=True)
         return metrics, bundle
+
+    def _torchrun(self, name: str, root: Path, params, nodes: int, procs: int) -> dict | None:
+        """`moai stage NAME` under torchrun on this node (rank 0's MLflow logging is the step's, so it is off
+        there); on node 0 the metrics rank 0 wrote."""
+        import moai_lib
+
+        node = current.parallel.node_index
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node_rank={node}",
+               f"--nproc_per_node={procs}", f"--master_addr={current.parallel.main_ip}",
+               f"--master_port={self.master_port}", "-m", "moai_lib.cli", "stage", name,
+               "--params", str(root / "params.yaml"), "-S", "tracking.enabled=false"]
+        package = str(Path(moai_lib.__file__).resolve().parents[1])  # the code package on a remote machine
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")]))}
+        print(f"{name} on node {node} of {nodes}: {' '.join(cmd[2:])}", flush=True)
+        done = subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        print(done.stdout[-4000:], flush=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun of the {name} stage failed on node {node} (exit {done.returncode}): "
+                               f"{done.stdout.strip().splitlines()[-1] if done.stdout.strip() else 'no output'}")
+        if node != 0:
+            return None
+        return json.loads(params.path("metrics", name=name).read_text(encoding="utf-8"))
 
     def _model_bundle(self, variant: str) -> bytes:
         return {"bf16": self.pretrain_bundle, "qat": self.qat_bundle}.get(variant) or self.quantized_bundles[variant]
@@ -241,6 +295,7 @@ class MoaiPipelineFlow(FlowSpec):
 
         self.git_commit = git_commit(os.getcwd())[0]
         self.tracking_uri = None
+        self.master_port = int(os.environ.get("MOAI_MASTER_PORT") or _free_port())  # torchrun of the pretrain step
         root = self._root()
         params = self._params(root)
         if params.tracking.enabled:
@@ -257,17 +312,37 @@ class MoaiPipelineFlow(FlowSpec):
         """Corpus → tokenizer → packed train/valid shards."""
         self.metrics, self.data_bundle = self._run("tokenize")
         self.results = {**self.results, "tokenize": self.metrics}
-        self.next(self.pretrain)
+        self.next(self.pretrain, num_parallel=int(_resource(self.pipeline, "pretrain", "nodes")))
 
     @resources(cpu=config_expr("_resource(pipeline, 'pretrain', 'cpu')"),
                memory=config_expr("_resource(pipeline, 'pretrain', 'memory')"),
                gpu=config_expr("_resource(pipeline, 'pretrain', 'gpu')"),
                disk=config_expr("_resource(pipeline, 'pretrain', 'disk')"))
+    @parallel
     @step
     def pretrain(self):
-        """Train the model on the shards (GPU from resources.pretrain)."""
-        self.metrics, self.pretrain_bundle = self._run("pretrain", [self.data_bundle])
-        self.results = {**self.results, "pretrain": self.metrics}
+        """Train the model on the shards (GPUs from resources.pretrain): in this process, or torchrun over
+        resources.pretrain.nodes machines × .processes each; node 0 keeps the model."""
+        nodes, procs = current.parallel.num_nodes, _processes_per_node(self.pipeline)
+        launch = (lambda root, params: self._torchrun("pretrain", root, params, nodes, procs)) \
+            if nodes * procs > 1 else None
+        self.metrics = self.pretrain_bundle = None
+        if current.parallel.node_index == 0:
+            self.metrics, self.pretrain_bundle = self._run("pretrain", [self.data_bundle], launch=launch)
+        else:  # a worker node: its ranks train, node 0's rank 0 writes the model
+            root = self._root()
+            _unpack(self.data_bundle, root)
+            self._torchrun("pretrain", root, self._params(root), nodes, procs)
+            shutil.rmtree(root, ignore_errors=True)
+        self.next(self.pretrain_join)
+
+    @step
+    def pretrain_join(self, inputs):
+        """The model of node 0 (`@parallel` steps end in a join)."""
+        main = next(i for i in inputs if i.pretrain_bundle is not None)
+        self.merge_artifacts(inputs, exclude=["metrics", "pretrain_bundle", "results"])
+        self.metrics, self.pretrain_bundle = main.metrics, main.pretrain_bundle
+        self.results = {**main.results, "pretrain": main.metrics}
         self.next(self.qat)
 
     @resources(cpu=config_expr("_resource(pipeline, 'qat', 'cpu')"),

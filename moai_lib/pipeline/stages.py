@@ -107,6 +107,22 @@ def _prepare_checkpoint_dir(work: Path, fingerprint: dict) -> None:
         write_json_atomic(run_file, fingerprint)
 
 
+def _ranks() -> tuple[int, int]:
+    """(global rank, local rank) of this process under torchrun / accelerate launch; (0, 0) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _wait_for_fingerprint(work: Path, fingerprint: dict, timeout_s: float = 600.0) -> None:
+    """Other local ranks of a distributed stage: wait until local rank 0 has prepared the checkpoint directory."""
+    run_file, deadline = work / RUN_FILE, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(run_file.read_text(encoding="utf-8")) == fingerprint:
+                return
+        time.sleep(0.2)
+    raise PipelineError(f"local rank 0 did not prepare {work} within {timeout_s:.0f} s; is it running the same params?")
+
+
 def _train_fingerprint(train_params) -> dict:
     return {k: v for k, v in train_params.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
 
@@ -151,11 +167,17 @@ def _train(params: PipelineParams, stage: str, train_params, model_or_config, ta
 
     data = params.path("data")
     work = params.path("checkpoints", stage=stage)
-    _prepare_checkpoint_dir(work, fingerprint)
+    rank, local_rank = _ranks()
+    if local_rank == 0:  # one process per machine prepares the checkpoint directory, the others wait for it
+        _prepare_checkpoint_dir(work, fingerprint)
+    else:
+        _wait_for_fingerprint(work, fingerprint)
     try:
         metrics = pretrain(train_params, model_or_config, data, work, finalize_model=finalize)
     except TrainConfigError as exc:
         raise PipelineError(f"{'pretrain' if stage == 'pretrain' else 'qat.train'}: {exc}") from None
+    if rank != 0:  # rank 0 writes the model and the metrics
+        return {}
     if not metrics["completed"]:
         raise PipelineError(f"{stage}: stopped at step {metrics['step']} of {metrics['total_steps']} (time budget or "
                             f"signal); run the stage again to resume from {work / 'checkpoints'}")
@@ -372,10 +394,19 @@ def _tracking_run(label: str, logged: dict, params: PipelineParams, pipeline_id,
     return stage_run(label, logged, settings=params.tracking, root=params.root, pipeline_id=pipeline_id, tags=tags)
 
 
+DISTRIBUTED_STAGES = ("pretrain", "qat")
+
+
 def run_stage(name: str, params: PipelineParams, *, method: str | None = None, variant: str | None = None,
-              pipeline_id: str | None = None, tags: dict | None = None) -> dict:
+              pipeline_id: str | None = None, tags: dict | None = None,
+              execute: Callable[[], dict] | None = None) -> dict:
     """Run one stage (one method of quantize, one variant of evaluate/export) inside a tracking run; write
-    metrics/<stage>[_<method|variant>].json atomically after the outputs are in place; return the metrics."""
+    metrics/<stage>[_<method|variant>].json atomically after the outputs are in place; return the metrics.
+
+    Under torchrun (RANK set), pretrain and qat train on every process; only rank 0 tracks and writes outputs
+    and metrics. `execute`, when given, does the stage's work instead (e.g. launches torchrun, whose rank 0 writes
+    the outputs and the metrics file) and returns its metrics; the tracking run stays in this process.
+    """
     if name not in STAGES:
         raise PipelineError(f"stage {name!r} does not exist; stages: {', '.join(STAGES)}")
     if name == "quantize":
@@ -397,8 +428,16 @@ def run_stage(name: str, params: PipelineParams, *, method: str | None = None, v
 
     label = stage_label(name, method, variant)
     started = time.monotonic()
+    rank, _ = _ranks()
+    if rank != 0:
+        if name not in DISTRIBUTED_STAGES:
+            raise PipelineError(f"{name} runs in one process; only {' and '.join(DISTRIBUTED_STAGES)} run under "
+                                f"torchrun (RANK={rank} is set)")
+        return _SIMPLE[name](params)
     with _tracking_run(label, _logged_params(params, name, method), params, pipeline_id, tags) as run:
-        if name == "quantize":
+        if execute is not None:
+            metrics = execute()
+        elif name == "quantize":
             metrics = stage_quantize(params, method)
         elif name == "evaluate":
             metrics = stage_evaluate(params, variant)

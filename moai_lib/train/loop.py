@@ -289,7 +289,22 @@ def pretrain(
     if is_main:
         remove_stale_temp_dirs(ckpt_root)
     # Checked before any weights are built: a checkpoint of another model or run fails here.
-    latest, state = _resume_point(params, model_or_config, data_dir, out_dir, plan)
+    try:
+        latest, state = _resume_point(params, model_or_config, data_dir, out_dir, plan)
+        problem = None
+    except TrainConfigError as exc:
+        latest, state, problem = None, None, str(exc)
+    if world > 1:  # every rank must resume from the same step, and fail together (a lone raise would hang the rest)
+        from accelerate.utils import gather_object
+
+        seen = gather_object([(latest.name if latest is not None else None, problem)])
+        problem = next((p for _, p in seen if p), None)
+        if problem is None and len({name for name, _ in seen}) > 1:
+            problem = (f"the {world} processes see different checkpoints in {ckpt_root} (by rank: "
+                       f"{[name for name, _ in seen]}): on several machines, put the output/checkpoint directory "
+                       "on storage they all share, or remove the checkpoints to start over")
+    if problem is not None:
+        raise TrainConfigError(problem)
     accelerator.wait_for_everyone()
 
     from transformers import PreTrainedModel

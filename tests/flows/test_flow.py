@@ -48,6 +48,7 @@ def _launch_dir(base: Path, methods: dict) -> tuple[Path, dict, str]:
     params["quantize"]["methods"] = methods
     params["tracking"] = {"enabled": True, "tracking_uri": uri}
     params["resources"] = {step: {"retries": 0} for step in ("quantize", "evaluate")}  # no retry of a sure failure
+    params["resources"]["pretrain"] = {"nodes": 2}  # two local @parallel tasks, each running torchrun (gloo)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return work, params, uri
 
@@ -110,8 +111,8 @@ def test_flow_runs_every_stage_and_promotes_a_champion(flow_run):
     run, uri, params, stdout = flow_run
     assert run.successful
     steps = {s.id: list(s) for s in run}
-    assert set(steps) == {"start", "tokenize", "pretrain", "qat", "quantize", "join", "evaluate_variants",
-                          "evaluate", "report", "export", "promote", "end"}
+    assert set(steps) == {"start", "tokenize", "pretrain", "pretrain_join", "qat", "quantize", "join",
+                          "evaluate_variants", "evaluate", "report", "export", "promote", "end"}
     for name, tasks in steps.items():
         if name != "quantize":  # the failed branch is caught, not successful (next test)
             assert all(t.successful for t in tasks), name
@@ -125,8 +126,10 @@ def test_flow_runs_every_stage_and_promotes_a_champion(flow_run):
     # stage metrics are artifacts: per task (`metrics`) and for the whole run (`results` of the end step)
     tokenize = run["tokenize"].task.data.metrics
     assert 256 < tokenize["vocab_size"] <= params["tokenize"]["vocab_size"] and tokenize["train_tokens"] > 0
-    pretrain = run["pretrain"].task.data.metrics
+    pretrain = run["pretrain_join"].task.data.metrics
     assert pretrain["completed"] and math.isfinite(pretrain["val_ppl"])
+    # resources.pretrain.nodes = 2: two @parallel tasks, one torchrun each, trained as one 2-process DDP run
+    assert len(steps["pretrain"]) == 2 and pretrain["num_processes"] == 2 and pretrain["distributed"] == "ddp"
     evaluations = {t.data.variant: t.data.metrics for t in steps["evaluate"]}
     assert sorted(evaluations) == ["bf16", "int4", "qat"]
     for variant, m in evaluations.items():

@@ -28,9 +28,20 @@ def main(spec_path: str) -> None:
     import time
     t0 = time.perf_counter()
     results["timings"] = {"start": t0}
+    from moai_lib.train import TrainConfigError
+
     for run in spec["runs"]:
         run_config = load_mamba_config(run["config_dir"]) if "config_dir" in run else config
-        metrics = pretrain(TrainParams(**run["params"]), run_config, spec["data_dir"], run["out_dir"],
+        out_dir = run["out_dir_by_rank"][dist.get_rank()] if "out_dir_by_rank" in run else run["out_dir"]
+        if run.get("expect_error"):  # must fail on every rank, before training
+            try:
+                pretrain(TrainParams(**run["params"]), run_config, spec["data_dir"], out_dir)
+            except TrainConfigError as exc:
+                results[run["name"]] = {"error": str(exc)}
+            else:
+                results[run["name"]] = {"error": None}
+            continue
+        metrics = pretrain(TrainParams(**run["params"]), run_config, spec["data_dir"], out_dir,
                            stop_after_step=run.get("stop_after_step"))
         results[run["name"]] = {k: metrics[k] for k in ("history", "completed", "step", "resumed_from_step",
                                                           "num_processes", "distributed", "global_batch")}

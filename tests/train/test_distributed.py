@@ -98,6 +98,10 @@ def runs(tmp_path_factory, sample_shards, tiny_config, untied_config):
                  "params": dict(TWO, distributed="fsdp2", gradient_checkpointing=True)},
                 {"name": "fsdp_resumed", "out_dir": str(root / "fsdp"), "config_dir": str(root / "untied"),
                  "params": dict(TWO, distributed="fsdp2", gradient_checkpointing=True)},
+                # rank 0 sees fsdp's checkpoints, rank 1 an empty directory (nodes without shared storage)
+                {"name": "split_checkpoints", "out_dir_by_rank": [str(root / "fsdp"), str(root / "elsewhere")],
+                 "config_dir": str(root / "untied"), "expect_error": True,
+                 "params": dict(TWO, distributed="fsdp2", gradient_checkpointing=True)},
             ]}
     (root / "spec.json").write_text(json.dumps(spec))
     # Fork (not torchrun or spawn): each fresh interpreter would spend ~10 s importing torch and transformers.
@@ -170,6 +174,14 @@ def test_two_process_checkpoint_resumes_on_one_process(runs, tmp_path, sample_sh
         assert got[step] == pytest.approx(ref[step], rel=LOSS_RTOL), step
     a, b = load_weights(tmp_path / "model"), load_weights(root / "single_untied" / "model")
     assert _max_relative_difference(a, b) < WEIGHT_RTOL
+
+
+def test_ranks_that_see_different_checkpoints_fail_together_before_training(runs):
+    """Several machines without shared storage: rank 0 would resume at step 6, rank 1 start afresh."""
+    root, _, results = runs
+    error = results["split_checkpoints"]["error"]
+    assert error is not None and "see different checkpoints" in error and "step-" in error and "shared" in error
+    assert not (root / "elsewhere" / "checkpoints").exists() or not any((root / "elsewhere" / "checkpoints").iterdir())
 
 
 def test_world_size_not_dividing_the_global_batch_is_refused(sample_shards, tiny_config):
