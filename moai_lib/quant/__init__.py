@@ -27,7 +27,7 @@ from .api import (
 )
 from .awq import AWQConfig, quantize_awq
 from .bnb import BnbConfig, merge_qlora, prepare_qlora
-from .compressed_tensors import export_compressed_tensors
+from .compressed_tensors import dequantize_compressed, export_compressed_tensors
 from .export import export_awq, export_gptq, pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from .fp4 import FP4Config, FP4Linear
 from .fp8 import Float8Config, Float8Linear, enable_fp8_training, quantize_fp8
@@ -55,6 +55,7 @@ __all__ = [
     "SteppedQuantConfig",
     "default_filter",
     "enable_fp8_training",
+    "dequantize_compressed",
     "export_awq",
     "export_compressed_tensors",
     "export_gptq",

@@ -133,3 +133,23 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike) -> Path
     qconfig, modules = compressed_tensors_config(model)
     packed = {fqn: pack_compressed(m) for fqn, m in modules.items()}
     return _write(model, path, packed, qconfig)
+
+
+def dequantize_compressed(tensors: dict[str, torch.Tensor], scheme: dict) -> torch.Tensor:
+    """Ŵ (out, in) of one layer's compressed-tensors tensors (names local to the layer) under `scheme` (a
+    config group), decoded from the spec: the export's self-check (the tests use the compressed-tensors package)."""
+    weights = scheme["weights"]
+    if scheme["format"] == "float-quantized":
+        return tensors["weight"].float() * tensors["weight_scale"].float()
+    if scheme["format"] != "pack-quantized":
+        raise QuantizationError(f"compressed-tensors: format {scheme['format']!r} is not one this library writes "
+                                f"({', '.join(CT_FORMATS)})")
+    bits, scale = weights["num_bits"], tensors["weight_scale"]
+    q = P.unpack_int32(tensors["weight_packed"], bits, dim=1)
+    if "weight_zero_point" in tensors:
+        z = P.unpack_int32(tensors["weight_zero_point"], bits, dim=0)
+    else:
+        z = torch.full(scale.shape, 1 << (bits - 1), dtype=torch.int32)
+    group = q.shape[1] // scale.shape[1]
+    w = (q.float() - z.float().repeat_interleave(group, dim=1)) * scale.float().repeat_interleave(group, dim=1)
+    return w.to(scale.dtype)
