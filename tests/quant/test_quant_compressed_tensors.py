@@ -21,7 +21,7 @@ from moai_lib.quant import (
     quantize_,
     quantized_modules,
 )
-from moai_lib.quant.compressed_tensors import export_compressed_tensors
+from moai_lib.quant.compressed_tensors import dequantize_compressed, export_compressed_tensors
 
 ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
@@ -59,6 +59,9 @@ def check_decompresses_to_our_weights(model, path, fmt):
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
         weight = compressor.decompress(local_state(tensors, fqn), scheme)["weight"]
         assert weight.dtype == layer.weight.dtype and torch.equal(weight, layer.weight), fqn
+        # Our spec decoder (the pipeline export's self-check) agrees with the package's.
+        group = next(g for g in qc["config_groups"].values() if g["targets"] in (["Linear"], scheme.targets))
+        assert torch.equal(dequantize_compressed(local_state(tensors, fqn), group), weight), fqn
     return qc, parsed, tensors
 
 
