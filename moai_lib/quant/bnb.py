@@ -168,7 +168,7 @@ class BnbSkeleton(nn.Module):
                                               SCB=state["SCB"])
         if has_bias:
             module.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
-        return module
+        return module.train(self.training)
 
 
 def _apply_bnb(model: nn.Module, config: BnbConfig, targets: dict[str, nn.Linear]) -> dict:

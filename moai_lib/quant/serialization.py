@@ -15,6 +15,11 @@ stay quantized on disk. "moai" is registered with transformers' quantizer regist
 `from_pretrained` builds the float skeleton on the meta device, `MoaiHfQuantizer` swaps the listed `nn.Linear`
 modules for empty quantized ones, and transformers fills their buffers from the file.
 
+bitsandbytes layers (kinds "bnb4", "bnb8", see `bnb.py`) load as `BnbSkeleton`s holding bitsandbytes' tensors as
+plain buffers; `_process_model_after_weight_loading` turns them into the bitsandbytes layers. A checkpoint whose
+`methods` name layers that `modules` does not record (bitsandbytes checkpoints of older versions) is refused
+rather than loaded with re-initialised weights.
+
 Importing `moai_lib.quant` performs the registration; `load_quantized(path)` imports and loads in one call.
 """
 
@@ -66,6 +71,14 @@ class MoaiQuantizationConfig(QuantizationConfigMixin):
 
 def rebuild_quantized_modules(model: nn.Module, qc: MoaiQuantizationConfig) -> None:
     """Swap each `nn.Linear` listed in `qc.modules` for an empty quantized module of the recorded layout."""
+    for entry in qc.methods:
+        unrecorded = sorted(set(entry.get("modules", [])) - set(qc.modules))
+        if unrecorded:  # e.g. bitsandbytes checkpoints written before their layers were stored
+            raise QuantizationError(
+                f"checkpoint: {entry['method']} quantized {unrecorded[0]}, but the checkpoint records no stored layout "
+                "for it (written by an older moai_lib that did not store these layers); re-quantize the "
+                "high-precision model and save it again"
+            )
     if any(layout["kind"] in BNB_KINDS for layout in qc.modules.values()):
         bnb_module_classes()  # registers the bitsandbytes kinds (bitsandbytes is optional)
     for fqn, layout in qc.modules.items():

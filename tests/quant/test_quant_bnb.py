@@ -117,3 +117,19 @@ def test_missing_optional_package_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(QuantizationError, match=r"qlora: needs the optional package peft .*pip install peft=="):
         prepare_qlora(tiny_model())
+
+
+def test_checkpoint_without_the_bnb_layouts_is_refused(tmp_path):
+    # What moai_lib wrote for bitsandbytes models before their layers were stored: the method is recorded, the
+    # layers' layouts are not. Loading must not fall back to a float model with missing (re-initialised) weights.
+    import json
+
+    model = tiny_model()
+    quantize_(model, BnbConfig(quant_type="nf4"))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["modules"] = {}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationError, match=r"checkpoint: bnb quantized backbone\.layers\.0\.mixer\.in_proj, "
+                                                "but the checkpoint records no stored layout.*re-quantize"):
+        load_quantized(tmp_path)

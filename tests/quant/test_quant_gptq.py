@@ -76,7 +76,8 @@ def test_gptq_halves_the_block_output_error_of_rtn_on_a_trained_model(trained_ti
         model(batch, use_cache=False)
     quantize_(model, dataclasses.replace(config, step="convert"))
     errs = block_errors(trained_tiny, model)
-    # Measured ratios GPTQ / RTN ≈ 0.22 per block (RTN's relative MSE ≈ 0.003).
+    # Measured ratios GPTQ / RTN per block (RTN's relative MSE ≈ 0.003): 0.22/0.20 plain, 0.13/0.12 act-order
+    # with static groups, 0.11/0.10 act-order with groups in the permuted order (g_idx).
     for gptq, rtn in zip(errs, rtn_block_errors, strict=True):
         assert gptq < 0.5 * rtn
 
