@@ -14,8 +14,15 @@ to load it), DATA_SOURCES.md (the corpus' SOURCES file, when given) and two smal
   required; the modules say so). Importing them registers the "moai" quantization format with transformers,
   so a quantized export loads with its quantized layers, not dequantized.
 
-The directory is built in a temporary sibling, verified (reloaded from disk: same quantized module types and
-bit-identical logits as the variant it came from) and renamed into place: a failure leaves nothing behind.
+With `format: compressed-tensors` a quantized variant's weights are written in the compressed-tensors format
+(`moai_lib.quant.compressed_tensors`: "pack-quantized" INT4/INT8, "float-quantized" FP8; what vLLM loads) instead
+of the moai format; the float variant (bf16) is a plain dense checkpoint in either format. Variants the format
+cannot express are refused when the params are read (`ExportParams.check_quantize`).
+
+The directory is built in a temporary sibling, verified (moai format: reloaded from disk, same quantized module
+types and bit-identical logits as the variant it came from; compressed-tensors: every tensor re-read from disk and
+each quantized layer decoded to exactly the variant's dequantized weight) and renamed into place: a failure
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import torch
 from torch import nn
 
 from ..data.tokenizer import fsync_dir, make_temp_dir, replace_dir
-from ..quant import quantized_modules
+from ..quant import dequantize_compressed, export_compressed_tensors, quantized_modules
 from .errors import PipelineError
 from .evaluation import QUANTIZE_ON_LOAD_FILE, load_variant, variant_method
 
@@ -81,6 +88,10 @@ class MoaiMambaForCausalLM(_MoaiMambaForCausalLM):
 '''
 
 
+EXPORT_FORMATS = ("hf", "compressed-tensors")
+CT_AWQ_LAYERS = {"in_proj", "fc1"}  # AWQ layers whose scales fold into the preceding norm
+
+
 @dataclass
 class ExportParams:
     """Parameters of the export stage (one section of params.yaml).
@@ -97,6 +108,9 @@ class ExportParams:
         verify: reload the export before renaming it into place and check it matches the variant (quantized
             module types, bit-identical logits on a fixed input).
         description: a paragraph for the card (what this model is for); a default one is used when empty.
+        format: "hf" (the moai format: loads back into moai_lib with its quantized layers) or
+            "compressed-tensors" (quantized weights in the compressed-tensors format for vLLM/llm-compressor:
+            INT4/INT8 RTN, QAT, GPTQ without act-order g_idx, AWQ on in_proj/fc1 only, FP8; not FP4).
     """
 
     model_name: str = "moai-mamba"
@@ -105,6 +119,7 @@ class ExportParams:
     remote_code: bool = True
     verify: bool = True
     description: str = ""
+    format: str = "hf"
 
     def __post_init__(self):
         if not isinstance(self.model_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name):
@@ -120,6 +135,29 @@ class ExportParams:
                 raise PipelineError(f"export.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.description, str):
             raise PipelineError(f"export.description must be a string, got {self.description!r}")
+        if self.format not in EXPORT_FORMATS:
+            raise PipelineError(f"export.format must be one of {', '.join(map(repr, EXPORT_FORMATS))}, got "
+                                f"{self.format!r}")
+
+    def check_quantize(self, quantize) -> None:
+        """Refuse quantize variants that `format` cannot express (`quantize`: the params' QuantizeParams)."""
+        if self.format != "compressed-tensors":
+            return
+        for name in quantize.methods:
+            method, layers, config = quantize.method_type(name), quantize.layers(name), quantize.config(name)
+            problem = fix = None
+            if method == "fp4":
+                problem, fix = "FP4 layers have no compressed-tensors layout here", "drop the variant"
+            elif method == "awq" and not set(layers or ["default"]) <= CT_AWQ_LAYERS:
+                problem = ("AWQ's scales for x_proj, out_proj and fc2 are applied to their inputs at run time, "
+                           "which the format cannot store")
+                fix = f"set quantize.methods.{name}.layers: [in_proj, fc1] (their scales fold into the norms)"
+            elif method == "gptq" and config.act_order and not config.static_groups and config.group_size != -1:
+                problem = "GPTQ act-order without static groups needs a permuted g_idx, which the format dropped"
+                fix = f"set quantize.methods.{name}.static_groups: true"
+            if problem:
+                raise PipelineError(f"export.format: 'compressed-tensors' cannot express variant {name!r} "
+                                    f"({method}): {problem}; {fix}, or use export.format: hf")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -237,7 +275,19 @@ def model_card(*, name: str, variant: str, method: str, metrics: dict, config: d
     else:
         sections += ["Not documented for this export (no SOURCES file was given).", ""]
     sections += ["## Quantization", ""]
-    if qc:
+    if qc and qc.get("quant_method") == "compressed-tensors":
+        for group in qc["config_groups"].values():
+            w, a = group["weights"], group.get("input_activations")
+            acts = f"{a['type']}{a['num_bits']} {a['strategy']} {'dynamic' if a['dynamic'] else 'static'}" \
+                if a else "16-bit"
+            sections.append(f"- `{group['format']}` on {', '.join(group['targets'])}: weights {w['type']}"
+                            f"{w['num_bits']} {w['strategy']}" + (f" {w['group_size']}" if w.get("group_size") else "")
+                            + f", {'symmetric' if w['symmetric'] else 'asymmetric'}; activations {acts}")
+        sections += [f"- kept in high precision (`ignore`): {', '.join(qc.get('ignore', [])) or 'none'}",
+                     f"- Stored in the compressed-tensors format (quant_method \"compressed-tensors\", "
+                     f"{qc['format']}), which vLLM and llm-compressor load; `{method}` is the method that produced "
+                     "the integers/FP8 values.", ""]
+    elif qc:
         policy = qc.get("policy", {})
         for entry in qc.get("methods", []):
             settings = {k: v for k, v in entry.items() if k not in ("method", "modules")}
@@ -294,6 +344,25 @@ def verify_export(export_dir: Path, reference: nn.Module) -> None:
                             "variant it was exported from")
 
 
+def verify_compressed_export(export_dir: Path, reference: nn.Module) -> None:
+    """Re-read a compressed-tensors export: each quantized layer decodes to exactly `reference`'s dequantized
+    weight, every other tensor equals the variant's."""
+    from safetensors.torch import load_file
+
+    config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    tensors = load_file(export_dir / "model.safetensors")
+    modules = quantized_modules(reference)
+    groups = list(config["config_groups"].values())
+    for fqn, module in modules.items():
+        scheme = groups[0] if len(groups) == 1 else next(g for g in groups if fqn in g["targets"])
+        local = {k[len(fqn) + 1:]: v for k, v in tensors.items() if k.startswith(fqn + ".")}
+        if not torch.equal(dequantize_compressed(local, scheme), module.weight):
+            raise PipelineError(f"export: {fqn} in {export_dir} does not decode to the variant's weights")
+    for name, tensor in reference.state_dict().items():
+        if name.rsplit(".", 1)[0] not in modules and name in tensors and not torch.equal(tensors[name], tensor):
+            raise PipelineError(f"export: {name} in {export_dir} differs from the variant's")
+
+
 # The stage -------------------------------------------------------------------------------------------------
 def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, variant: str, metrics: dict,
                  params: ExportParams, tokenizer_dir: str | os.PathLike | None = None,
@@ -329,7 +398,12 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, va
     tmp = make_temp_dir(out)
     try:
         _set_generation_config(model, tokenizer)
-        model.save_pretrained(tmp, safe_serialization=True)  # also writes generation_config.json
+        compressed = params.format == "compressed-tensors" and bool(quantized_modules(model))
+        if compressed:
+            export_compressed_tensors(model, tmp)  # model.safetensors + config.json
+            model.generation_config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)  # also writes generation_config.json
         tokenizer.save_pretrained(tmp)
         if params.remote_code:
             _add_auto_map(tmp)
@@ -342,7 +416,7 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, va
                           languages=languages)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         if params.verify:
-            verify_export(tmp, model)
+            verify_compressed_export(tmp, model) if compressed else verify_export(tmp, model)
         fsync_dir(tmp)
         replace_dir(tmp, out)
     except BaseException:

@@ -419,6 +419,7 @@ class PipelineParams:
         params = cls(root=root, tokenize=tokenize, model=model, pretrain=pretrain, qat=qat, qat_train=qat_train,
                      quantize=quantize, paths=paths, raw=copy.deepcopy(data), **sections)
         params._check_model()
+        params.export.check_quantize(quantize)  # variants the export format cannot express
         return params
 
     # Cross-stage checks --------------------------------------------------------------------------------------

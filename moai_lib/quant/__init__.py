@@ -6,8 +6,9 @@
 
 Methods: RTN INT4/INT8 (`linear.py`), QAT (`qat.py`), GPTQ (`gptq.py`), AWQ (`awq.py`), FP8 E4M3 (`fp8.py`),
 FP4 E2M1 MXFP4/NVFP4 (`fp4.py`), bitsandbytes NF4/FP4/INT8 and QLoRA (`bnb.py`). GPTQ v1 / AWQ GEMM exports
-in `export.py`. Importing this package registers the "moai" quantization method with transformers, so
-`from_pretrained` rebuilds quantized checkpoints (`serialization.py`).
+in `export.py`, the compressed-tensors export (vLLM, llm-compressor) in `compressed_tensors.py`. Importing this
+package registers the "moai" quantization method with transformers, so `from_pretrained` rebuilds quantized
+checkpoints (`serialization.py`), bitsandbytes layers included.
 """
 
 from . import _quiet_imports  # noqa: F401  (first: silences torchao import noise, see the module)
@@ -26,6 +27,7 @@ from .api import (
 )
 from .awq import AWQConfig, quantize_awq
 from .bnb import BnbConfig, merge_qlora, prepare_qlora
+from .compressed_tensors import dequantize_compressed, export_compressed_tensors
 from .export import export_awq, export_gptq, pack_awq, pack_gptq, unpack_awq, unpack_gptq
 from .fp4 import FP4Config, FP4Linear
 from .fp8 import Float8Config, Float8Linear, enable_fp8_training, quantize_fp8
@@ -53,7 +55,9 @@ __all__ = [
     "SteppedQuantConfig",
     "default_filter",
     "enable_fp8_training",
+    "dequantize_compressed",
     "export_awq",
+    "export_compressed_tensors",
     "export_gptq",
     "gptq_quantize_weight",
     "layer_filter",

@@ -299,6 +299,9 @@ def _convert(model, config, handler, pending, filter_fn) -> nn.Module:
 
 def _install(model: nn.Module, config: QuantConfig, new_modules: dict[str, nn.Module], policy: dict) -> None:
     for fqn, module in new_modules.items():
+        # A new module starts in training mode; it takes the mode of the layer it replaces (bitsandbytes'
+        # LLM.int8 computes differently in training mode).
+        module.train(model.get_submodule(fqn).training)
         set_submodule(model, fqn, module)
     record_quantization(model, config, new_modules, policy)
 

@@ -5,7 +5,9 @@ per int32 word:
     prefix.qweight  int32 (in/w, out):   q[o, j] at bits b·(j % w) of word [j // w, o]
     prefix.qzeros   int32 (in/g, out/w): (z[o, k] − 1) mod 2^b at bits b·(o % w) of word [k, o // w]
     prefix.scales   fp16  (in/g, out)
-    prefix.g_idx    int32 (in,):         j // g  (static groups: no permutation)
+    prefix.g_idx    int32 (in,):         the group of input column j: j // g for contiguous groups; for GPTQ
+                                         act-order without static groups, its position in the act-order
+                                         permutation // g (qweight rows stay in the original column order)
 `checkpoint_format="gptq_v2"` (GPTQModel) stores z itself instead of z − 1 (v1 cannot store z = 0).
 
 AWQ GEMM (AutoAWQ `version="gemm"`, 4-bit), with the 8 columns of each word interleaved as AWQ_PACK_ORDER:
@@ -53,7 +55,8 @@ def pack_gptq(module: QuantizedLinear, checkpoint_format: str = "gptq") -> dict[
         "qweight": P.pack_int32(q.T, bits, dim=0),
         "qzeros": P.pack_int32(z.T, bits, dim=1),
         "scales": module.scales.T.to(torch.float16).contiguous(),
-        "g_idx": (torch.arange(module.in_features, device=q.device) // g).to(torch.int32),
+        "g_idx": (module.g_idx.clone() if module.g_idx is not None
+                  else (torch.arange(module.in_features, device=q.device) // g).to(torch.int32)),
     }
 
 
@@ -106,6 +109,10 @@ def _int_modules(model: nn.Module, fmt: str) -> dict[str, QuantizedLinear]:
         raise QuantizationError(f"{fmt} export: {widths[0]} has {modules[widths[0]].out_features} outputs, not a "
                                 f"multiple of {32 // next(iter(modules.values())).bits} as packed zero points need; "
                                 "leave it out of filter_fn")
+    permuted = [fqn for fqn, m in modules.items() if m.g_idx is not None]
+    if fmt == "awq" and permuted:
+        raise QuantizationError(f"awq export: {permuted[0]} is GPTQ act-order with a permuted g_idx, which the AWQ "
+                                "GEMM format cannot store; use export_gptq, or GPTQConfig(static_groups=True)")
     if fmt == "awq" and any(m.group_size == -1 for m in modules.values()):
         raise QuantizationError("awq export: the AWQ GEMM format needs a group size (32, 64 or 128), the model is "
                                 "quantized per channel; use export_gptq or re-quantize with a group size")

@@ -12,7 +12,10 @@ one by one and spreads each column's rounding error over the not-yet-quantized c
 - groups: a group's scale/zero are fitted to the *updated* weights when the loop reaches its first column;
 - act-order (desc_act): columns are processed in decreasing diag(H) order. With `static_groups` the groups'
   qparams are fitted on the original weights before any update, so groups stay contiguous in the original
-  order (g_idx = j // g) and the packed layout needs no permutation.
+  order (g_idx = j // g). Without it (AutoGPTQ's desc_act=True, static_groups=False) groups are formed in the
+  permuted order, each fitted when the loop reaches it: input column j belongs to group
+  g_idx[j] = (position of j in the permutation) // g, which the layer stores and computes with
+  (ŵ[:, j] = (q[:, j] − z[:, g_idx[j]])·s[:, g_idx[j]]) and the GPTQ export writes as its `g_idx`.
 
 Calibration runs block by block through the model (`calibration.py`), in_proj → x_proj → out_proj → fc1 →
 fc2, each layer seeing inputs produced by the already-quantized layers before it.
@@ -81,7 +84,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            k = (int(perm[col]) if perm is not None else col) // g
+            # Static groups are contiguous in the original order; dynamic ones in the processing order.
+            k = (int(perm[col]) if perm is not None and fixed_groups else col) // g
             if not fixed_groups and col % g == 0:
                 # The group's qparams from the weights as updated so far (columns col … col+g−1, in this block).
                 qp = P.compute_qparams(W1[:, i:i + g], bits, -1, symmetric, scale_dtype)
@@ -94,9 +98,13 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    g_idx = None
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
-    return Q, P.QParams(scale=scales, zero=zeros, bits=bits, group_size=group_size)
+        invperm = torch.argsort(perm)  # invperm[j] = position of input column j in the processing order
+        Q = Q[:, invperm]
+        if not fixed_groups:
+            g_idx = (invperm // g).to(torch.int32)  # AutoGPTQ: g_idx = [i // g for i in range(n)][invperm]
+    return Q, P.QParams(scale=scales, zero=zeros, bits=bits, group_size=group_size, g_idx=g_idx)
 
 
 @dataclass
@@ -104,8 +112,11 @@ class GPTQConfig(SteppedQuantConfig):
     """GPTQ settings (names as in AutoGPTQ's `BaseQuantizeConfig`).
 
     bits: 4 or 8. group_size: 32, 64, 128 or -1. symmetric: GPTQ `sym`. damp_percent: λ of the dampening.
-    block_size: columns per lazy batch update (a multiple of group_size). act_order: GPTQ `desc_act`; needs
-    static_groups=True here (contiguous groups). step: "prepare" → forward calibration batches → "convert".
+    block_size: columns per lazy batch update (a multiple of group_size). act_order: GPTQ `desc_act`.
+    static_groups: with act_order, fit the groups' qparams on the original weights before reordering, so
+    groups stay contiguous in the original order; without it (AutoGPTQ's default), groups are formed in the
+    act-order permutation and each layer stores its `g_idx`. step: "prepare" → forward calibration batches →
+    "convert".
     """
 
     method = "gptq"
@@ -126,9 +137,6 @@ class GPTQConfig(SteppedQuantConfig):
         if self.block_size <= 0 or (self.group_size != -1 and self.block_size % self.group_size):
             self.fail(f"block_size={self.block_size} is not a positive multiple of group_size={self.group_size}",
                       "use block_size=128")
-        if self.act_order and not self.static_groups and self.group_size != -1:
-            self.fail("act_order=True with dynamic groups would need a permuted g_idx, which QuantizedLinear does "
-                      "not store", "set static_groups=True (groups fitted before reordering, as AutoGPTQ does)")
 
     def check_layer(self, fqn: str, linear: nn.Linear) -> None:
         check_group_divides(self, fqn, linear.in_features, self.group_size)

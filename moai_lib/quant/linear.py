@@ -47,14 +47,15 @@ class QuantizedLinear(nn.Module):
 
     Buffers: qweight (out, in/2) uint8 for 4 bits [byte j = q[2j] | q[2j+1] << 4], (out, in) uint8 for 8 bits;
     scales (out, in/g) in the model dtype; zeros (out, in/g) uint8; input_scale (in,) only for AWQ layers whose
-    scales cannot be folded into a preceding norm.
+    scales cannot be folded into a preceding norm; g_idx (in,) int32 only for GPTQ act-order layers without
+    static groups: input column j uses scale/zero group g_idx[j] instead of j // g.
     """
 
     kind = "int"
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, symmetric: bool,
                  bias: bool = False, has_input_scale: bool = False, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, backend: str = "auto"):
+                 device: torch.device | str | None = None, backend: str = "auto", has_g_idx: bool = False):
         super().__init__()
         if bits not in INT_BITS:
             raise QuantizationError(f"int: QuantizedLinear stores 4 or 8 bits, got {bits}")
@@ -73,6 +74,13 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("input_scale", torch.empty(in_features, dtype=dtype, device=device))
         else:
             self.input_scale = None
+        if has_g_idx:
+            if group_size == -1:
+                raise QuantizationError("int: g_idx needs group-wise scales (group_size != -1); per-channel layers "
+                                        "have a single group")
+            self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
+        else:
+            self.g_idx = None
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
 
@@ -92,27 +100,33 @@ class QuantizedLinear(nn.Module):
         dtype, device = linear.weight.dtype, linear.weight.device
         module = cls(linear.in_features, linear.out_features, qp.bits, qp.group_size, symmetric,
                      bias=linear.bias is not None, has_input_scale=input_scale is not None, dtype=dtype,
-                     device=device)
+                     device=device, has_g_idx=qp.g_idx is not None)
         with torch.no_grad():
             module.qweight.copy_(P.pack_int4(q) if qp.bits == 4 else q)
             module.scales.copy_(qp.scale)
             module.zeros.copy_(qp.zero)
             if input_scale is not None:
                 module.input_scale.copy_(input_scale)
+            if qp.g_idx is not None:
+                module.g_idx.copy_(qp.g_idx)
             if linear.bias is not None:
                 module.bias.copy_(linear.bias)
         return module
 
     # Serialization ---------------------------------------------------------------------------------------------
     def layout(self) -> dict:
-        return {"kind": self.kind, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "input_scale": self.input_scale is not None}
+        out = {"kind": self.kind, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+               "input_scale": self.input_scale is not None}
+        if self.g_idx is not None:
+            out["g_idx"] = True  # absent in checkpoints written before act-order g_idx existed
+        return out
 
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool, layout: dict, dtype: torch.dtype,
               device=None) -> QuantizedLinear:
         return cls(in_features, out_features, layout["bits"], layout["group_size"], layout["symmetric"], bias=bias,
-                   has_input_scale=layout["input_scale"], dtype=dtype, device=device)
+                   has_input_scale=layout["input_scale"], dtype=dtype, device=device,
+                   has_g_idx=layout.get("g_idx", False))
 
     # Compute ------------------------------------------------------------------------------------------------
     def integers(self) -> torch.Tensor:
@@ -120,7 +134,8 @@ class QuantizedLinear(nn.Module):
         return P.unpack_int4(self.qweight) if self.bits == 4 else self.qweight
 
     def qparams(self) -> P.QParams:
-        return P.QParams(scale=self.scales, zero=self.zeros, bits=self.bits, group_size=self.group_size)
+        return P.QParams(scale=self.scales, zero=self.zeros, bits=self.bits, group_size=self.group_size,
+                         g_idx=self.g_idx)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Ŵ (out, in) in `dtype` (default: the scales' dtype)."""
@@ -135,6 +150,8 @@ class QuantizedLinear(nn.Module):
         """Why torch's INT4 kernels cannot run this layer on `device`, or None if they can."""
         if device.type not in ("cuda", "cpu"):
             return f"torch's INT4 kernels run on CUDA and CPU, not {device.type}"
+        if self.g_idx is not None:
+            return "int4mm reads contiguous groups; this GPTQ act-order layer has a permuted g_idx"
         if self.bits != 4 or self.group_size not in INT4MM_GROUP_SIZES:
             return f"int4mm needs 4 bits and group_size in {INT4MM_GROUP_SIZES}, this layer has {self.bits} " \
                    f"bits, group_size={self.group_size}"
@@ -194,7 +211,8 @@ class QuantizedLinear(nn.Module):
         g = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {g}, "
                 f"symmetric={self.symmetric}, backend={self.backend}"
-                + (", input_scale" if self.input_scale is not None else ""))
+                + (", input_scale" if self.input_scale is not None else "")
+                + (", g_idx" if self.g_idx is not None else ""))
 
 
 def _version(t: torch.Tensor) -> int:

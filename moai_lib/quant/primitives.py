@@ -31,12 +31,16 @@ class QParams:
     """Per-group quantization parameters of a weight (out, in).
 
     scale: (out, n_groups) in the storage dtype. zero: (out, n_groups) uint8. bits, group_size as used.
+    g_idx: None for contiguous groups (input column j is in group j // g); else (in,) int32, the group of each
+    input column (GPTQ act-order without static groups: groups are contiguous in the permuted order, so
+    g_idx[j] = position of j in the permutation // g).
     """
 
     scale: torch.Tensor
     zero: torch.Tensor
     bits: int
     group_size: int
+    g_idx: torch.Tensor | None = None
 
     @property
     def qmax(self) -> int:
@@ -91,7 +95,13 @@ def quantize_rtn(w: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 
 def dequantize(q: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """ŵ = (q − z) · s for q (out, in) integers; computed in fp32, returned in `dtype`."""
+    """ŵ = (q − z) · s for q (out, in) integers; computed in fp32, returned in `dtype`.
+
+    With `qp.g_idx`, column j uses group g_idx[j]: ŵ[:, j] = (q[:, j] − z[:, g_idx[j]]) · s[:, g_idx[j]].
+    """
+    if qp.g_idx is not None:
+        g_idx = qp.g_idx.long()
+        return ((q.float() - qp.zero.float()[:, g_idx]) * qp.scale.float()[:, g_idx]).to(dtype)
     qg = _grouped(q.float(), qp.group_size)
     w = (qg - qp.zero.float()[..., None]) * qp.scale.float()[..., None]
     return w.reshape(q.shape).to(dtype)

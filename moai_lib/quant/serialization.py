@@ -15,6 +15,11 @@ stay quantized on disk. "moai" is registered with transformers' quantizer regist
 `from_pretrained` builds the float skeleton on the meta device, `MoaiHfQuantizer` swaps the listed `nn.Linear`
 modules for empty quantized ones, and transformers fills their buffers from the file.
 
+bitsandbytes layers (kinds "bnb4", "bnb8", see `bnb.py`) load as `BnbSkeleton`s holding bitsandbytes' tensors as
+plain buffers; `_process_model_after_weight_loading` turns them into the bitsandbytes layers. A checkpoint whose
+`methods` name layers that `modules` does not record (bitsandbytes checkpoints of older versions) is refused
+rather than loaded with re-initialised weights.
+
 Importing `moai_lib.quant` performs the registration; `load_quantized(path)` imports and loads in one call.
 """
 
@@ -36,6 +41,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .api import QuantizationError, module_kind, set_submodule
+from .bnb import BNB_KINDS, BnbSkeleton, bnb_module_classes
 
 QUANT_METHOD = "moai"
 FORMAT_VERSION = 1
@@ -63,18 +69,18 @@ class MoaiQuantizationConfig(QuantizationConfigMixin):
                               "modules": self.modules, "methods": self.methods, "policy": self.policy})
 
 
-def _check_loadable(qc: MoaiQuantizationConfig) -> None:
-    unsaveable = [m["method"] for m in qc.methods if m["method"].startswith("bnb")]
-    if unsaveable:
-        raise QuantizationError(
-            f"{unsaveable[0]}: bitsandbytes layers are not stored in the moai checkpoint format; save the "
-            "high-precision model and apply BnbConfig after loading (it takes seconds)"
-        )
-
-
 def rebuild_quantized_modules(model: nn.Module, qc: MoaiQuantizationConfig) -> None:
     """Swap each `nn.Linear` listed in `qc.modules` for an empty quantized module of the recorded layout."""
-    _check_loadable(qc)
+    for entry in qc.methods:
+        unrecorded = sorted(set(entry.get("modules", [])) - set(qc.modules))
+        if unrecorded:  # e.g. bitsandbytes checkpoints written before their layers were stored
+            raise QuantizationError(
+                f"checkpoint: {entry['method']} quantized {unrecorded[0]}, but the checkpoint records no stored layout "
+                "for it (written by an older moai_lib that did not store these layers); re-quantize the "
+                "high-precision model and save it again"
+            )
+    if any(layout["kind"] in BNB_KINDS for layout in qc.modules.values()):
+        bnb_module_classes()  # registers the bitsandbytes kinds (bitsandbytes is optional)
     for fqn, layout in qc.modules.items():
         try:
             linear = model.get_submodule(fqn)
@@ -87,6 +93,20 @@ def rebuild_quantized_modules(model: nn.Module, qc: MoaiQuantizationConfig) -> N
                                             layout, dtype=linear.weight.dtype, device=linear.weight.device))
 
 
+def materialize_skeletons(model: nn.Module) -> None:
+    """Turn the loaded bitsandbytes skeletons into bitsandbytes layers (see `bnb.py`)."""
+    kinds = set()
+    for fqn, module in list(model.named_modules()):
+        if isinstance(module, BnbSkeleton):
+            set_submodule(model, fqn, module.materialize())
+            kinds.add(module.layout["kind"])
+    # HF's flags, read by peft to pick its bitsandbytes LoRA layers (as `BnbConfig` sets them).
+    if "bnb4" in kinds:
+        model.is_loaded_in_4bit = True
+    if "bnb8" in kinds:
+        model.is_loaded_in_8bit = True
+
+
 class MoaiHfQuantizer(HfQuantizer):
     """Loads checkpoints written by `save_pretrained` after `quantize_` (pre-quantized only)."""
 
@@ -94,6 +114,10 @@ class MoaiHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         rebuild_quantized_modules(model, self.quantization_config)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        materialize_skeletons(model)
         return model
 
     def is_serializable(self) -> bool:

@@ -168,3 +168,61 @@ def test_params_reject_unknown_and_bad_values():
     with pytest.raises(PipelineError, match=r"export\.verify"):
         ExportParams.from_dict({"verify": "yes"})
     assert ExportParams.from_dict({"license": "mit"}).license == "mit"
+
+
+def test_compressed_tensors_format(exported, tmp_path):
+    """export.format: compressed-tensors writes quantized variants in that format (decoded here by the
+    compressed-tensors package itself) and the float variant as a plain dense checkpoint."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    params = ExportParams(sources=str(SAMPLE_DIR / "SOURCES.md"), format="compressed-tensors")
+    for name, fmt in (("rtn4", "pack-quantized"), ("fp8", "float-quantized")):
+        variant_dir, model, _ = exported[name]  # an hf export is a valid variant directory
+        path = export_model(variant_dir, tmp_path / name, variant=name, metrics=METRICS, params=params)
+        config = json.loads((path / "config.json").read_text())
+        qc = QuantizationConfig.model_validate(config["quantization_config"])
+        assert qc.quant_method == "compressed-tensors" and qc.format == fmt
+        assert config["auto_map"] == AUTO_MAP and (path / "tokenizer.json").is_file()
+        assert "compressed-tensors" in (path / "README.md").read_text()
+        tensors = load_file(path / "model.safetensors")
+        (scheme,) = qc.config_groups.values()
+        for fqn, layer in quantized_modules(model).items():
+            local = {k[len(fqn) + 1:]: v for k, v in tensors.items() if k.startswith(fqn + ".")}
+            weight = BaseCompressor.get_value_from_registry(scheme.format).decompress(local, scheme)["weight"]
+            assert torch.equal(weight, layer.weight), (name, fqn)
+    path = export_model(exported["bf16"][0], tmp_path / "bf16", variant="bf16", metrics=METRICS, params=params)
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+
+
+def test_compressed_tensors_format_refuses_what_it_cannot_express():
+    from moai_lib.pipeline.params import QuantizeParams
+
+    with pytest.raises(PipelineError, match=r"export\.format must be one of 'hf', 'compressed-tensors', got 'gguf'"):
+        ExportParams.from_dict({"format": "gguf"})
+    params = ExportParams(format="compressed-tensors")
+    ok = QuantizeParams(methods={"int4": {"method": "rtn"}, "fp8": {}, "gptq": {"act_order": True,
+                                                                               "static_groups": True},
+                                 "awq": {"layers": ["in_proj", "fc1"]}})
+    params.check_quantize(ok)
+    ExportParams().check_quantize(QuantizeParams(methods={"awq": {}, "fp4": {}}))  # hf expresses everything
+    for methods, match in (
+        ({"awq": {}}, r"variant 'awq' \(awq\): AWQ's scales .* set quantize\.methods\.awq\.layers: \[in_proj, fc1\]"),
+        ({"g": {"method": "gptq", "act_order": True}}, r"variant 'g' \(gptq\).*static_groups: true"),
+        ({"fp4": {"format": "mxfp4"}}, r"variant 'fp4' \(fp4\): FP4 .*drop the variant, or use export\.format: hf"),
+    ):
+        with pytest.raises(PipelineError, match=r"export\.format: 'compressed-tensors' cannot express " + match):
+            params.check_quantize(QuantizeParams(methods=methods))
+
+
+def test_compressed_tensors_format_is_checked_when_params_load():
+    from moai_lib.pipeline import PipelineParams
+
+    repo = SAMPLE_DIR.parent.parent
+    with pytest.raises(PipelineError, match=r"export\.format: 'compressed-tensors' cannot express variant 'awq'"):
+        PipelineParams.load(repo / "params.yaml", overrides=["export.format=compressed-tensors"])
+    params = PipelineParams.load(repo / "params.yaml", overrides=[
+        "export.format=compressed-tensors", "quantize.methods.awq.layers=[in_proj, fc1]"])
+    assert params.export.format == "compressed-tensors"

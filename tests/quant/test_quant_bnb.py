@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 from quant_helpers import tiny_model
+from safetensors.torch import load_file
 from torch import nn
 
 from moai_lib.quant import BnbConfig, QuantizationError, load_quantized, merge_qlora, prepare_qlora, quantize_
@@ -32,7 +33,7 @@ def test_bnb_layers_on_cpu(quant_type):
     assert P.sqnr(x @ reference.T, model.fc1(x)) >= BNB_SQNR_DB[quant_type]
 
 
-def test_bnb_model_forward_and_save_refusal(tmp_path):
+def test_bnb_model_forward(tmp_path):
     model = tiny_model()
     ids = torch.randint(0, 512, (2, 10))
     reference = model(ids, use_cache=False).logits
@@ -40,10 +41,39 @@ def test_bnb_model_forward_and_save_refusal(tmp_path):
     assert isinstance(model.backbone.layers[0].mixer.in_proj, bnb.nn.Linear4bit)
     assert type(model.backbone.layers[0].mixer.dt_proj) is nn.Linear
     assert P.sqnr(reference, model(ids, use_cache=False).logits) >= 8.0  # measured 11.7 (NF4 block 64)
+
+
+@pytest.mark.parametrize("config", [BnbConfig(quant_type="nf4"), BnbConfig(quant_type="fp4", blocksize=128),
+                                    BnbConfig(quant_type="nf4", double_quant=True),
+                                    BnbConfig(quant_type="int8"), BnbConfig(quant_type="int8", int8_threshold=6.0)],
+                         ids=["nf4", "fp4-b128", "nf4-double-quant", "int8", "int8-outliers"])
+def test_bnb_save_load_stays_quantized_bit_for_bit(tmp_path, config):
+    model = tiny_model()
+    quantize_(model, config)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids, use_cache=False).logits
     model.save_pretrained(tmp_path)
-    with pytest.raises(QuantizationError, match="bnb: bitsandbytes layers are not stored in the moai checkpoint "
-                                                "format; save the high-precision model and apply BnbConfig"):
-        load_quantized(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    expected_type = bnb.nn.Linear8bitLt if config.quant_type == "int8" else bnb.nn.Linear4bit
+    weight_dtype = torch.int8 if config.quant_type == "int8" else torch.uint8
+    # Stored quantized: the packed/int8 weight and bitsandbytes' statistics, no float copy of the weight.
+    assert stored["backbone.layers.0.mixer.in_proj.weight"].dtype == weight_dtype
+    stats = "SCB" if config.quant_type == "int8" else "weight_absmax"
+    assert f"backbone.layers.0.mixer.in_proj.{stats}" in stored
+    loaded = load_quantized(tmp_path)
+    for fqn, module in model.named_modules():
+        if isinstance(module, expected_type):
+            other = loaded.get_submodule(fqn)
+            assert isinstance(other, expected_type), fqn
+            assert other.weight.dtype == weight_dtype and torch.equal(other.weight.data, module.weight.data), fqn
+    assert type(loaded.backbone.layers[0].mixer.dt_proj) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, use_cache=False).logits, before)
+    # A second save of the loaded model writes the same tensors (what was loaded is what was saved).
+    loaded.save_pretrained(tmp_path / "again")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert again.keys() == stored.keys() and all(torch.equal(again[k], stored[k]) for k in stored)
 
 
 def test_qlora_trains_adapters_only_then_merges_and_saves(tmp_path):
@@ -87,3 +117,19 @@ def test_missing_optional_package_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(QuantizationError, match=r"qlora: needs the optional package peft .*pip install peft=="):
         prepare_qlora(tiny_model())
+
+
+def test_checkpoint_without_the_bnb_layouts_is_refused(tmp_path):
+    # What moai_lib wrote for bitsandbytes models before their layers were stored: the method is recorded, the
+    # layers' layouts are not. Loading must not fall back to a float model with missing (re-initialised) weights.
+    import json
+
+    model = tiny_model()
+    quantize_(model, BnbConfig(quant_type="nf4"))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["modules"] = {}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationError, match=r"checkpoint: bnb quantized backbone\.layers\.0\.mixer\.in_proj, "
+                                                "but the checkpoint records no stored layout.*re-quantize"):
+        load_quantized(tmp_path)

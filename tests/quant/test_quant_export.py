@@ -1,5 +1,6 @@
 """GPTQ v1 and AWQ GEMM packed exports: hand-computed words, decode round trips, files and configs."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from moai_lib.quant import (
+    GPTQConfig,
     IntWeightOnlyConfig,
     QuantizationError,
     QuantizedLinear,
@@ -140,3 +142,54 @@ def test_export_errors_name_the_fix(tmp_path):
     with pytest.raises(QuantizationError, match=r"gptq export: backbone\.layers\.0\.mixer\.x_proj has 36 outputs, "
                                                 "not a multiple of 8"):
         export_gptq(odd, tmp_path)
+
+
+def reference_gptq_v1_dequantize(t: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """Ŵ (out, in) fp32 from GPTQ v1 tensors, written from the published layout (AutoGPTQ's QuantLinear
+    dequantization), independently of moai_lib's unpacker: qweight int32 (in·b/32, out) holds input row j at
+    bits b·(j mod 32/b) of word j // (32/b); qzeros int32 (groups, out·b/32) holds zero − 1 of output o at bits
+    b·(o mod 32/b); w[o, j] = (q[o, j] − (qzeros[g_idx[j], o] + 1)) · scales[g_idx[j], o]."""
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    qweight = t["qweight"].to(torch.int64) & 0xFFFFFFFF
+    qzeros = t["qzeros"].to(torch.int64) & 0xFFFFFFFF
+    n_in, n_out = qweight.shape[0] * per_word, qweight.shape[1]
+    rows = torch.arange(n_in)
+    q = (qweight[rows // per_word] >> (bits * (rows % per_word))[:, None]) & mask  # (in, out)
+    cols = torch.arange(n_out)
+    z = ((qzeros[:, cols // per_word] >> (bits * (cols % per_word))[None, :]) & mask) + 1  # (groups, out)
+    g_idx = t["g_idx"].long()
+    w = (q - z[g_idx]).double() * t["scales"].double()[g_idx]  # (in, out)
+    return w.T.float()
+
+
+def test_gptq_act_order_export_decodes_to_our_weights(tmp_path, trained_tiny):
+    config = GPTQConfig(group_size=32, symmetric=True, act_order=True)  # symmetric: z = 8, storable in v1
+    model = trained_tiny.fresh()
+    quantize_(model, config)
+    for batch in trained_tiny.calib.split(8):
+        model(batch, use_cache=False)
+    quantize_(model, dataclasses.replace(config, step="convert"))
+    model.half()  # the format stores fp16 scales: compare with the weights this fp16 model computes with
+    export_gptq(model, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is True and qc["static_groups"] is False and qc["checkpoint_format"] == "gptq"
+    tensors = load_file(tmp_path / "model.safetensors")
+    for fqn, layer in quantized_modules(model).items():
+        t = {k: tensors[f"{fqn}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        assert torch.equal(t["g_idx"], layer.g_idx), fqn
+        assert not torch.equal(t["g_idx"].long(), torch.arange(layer.in_features) // 32), fqn  # permuted
+        assert torch.equal(reference_gptq_v1_dequantize(t, 4), layer.dequantize_weight(torch.float32)), fqn
+
+
+def test_awq_export_refuses_a_permuted_g_idx(tmp_path):
+    model = tiny_model()
+    quantize_(model, IntWeightOnlyConfig(bits=4, group_size=32))
+    fc1 = model.backbone.layers[0].mlp.fc1
+    permuted = QuantizedLinear.from_integers(nn.Linear(fc1.in_features, fc1.out_features, bias=False),
+                                             fc1.integers(), dataclasses.replace(
+                                                 fc1.qparams(), g_idx=torch.arange(fc1.in_features).flip(0)
+                                                 .div(32, rounding_mode="floor").int()), symmetric=False)
+    model.backbone.layers[0].mlp.fc1 = permuted
+    with pytest.raises(QuantizationError, match=r"awq export: backbone\.layers\.0\.mlp\.fc1 is GPTQ act-order "
+                                                "with a permuted g_idx.*use export_gptq"):
+        export_awq(model, tmp_path)
