@@ -84,8 +84,8 @@ def check_s3(url: str, what: str, *, setting: str | None = None, endpoint_env: S
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
     except ImportError:
-        raise StorageError(f"{head}: boto3 is not installed; pip install boto3 (it comes with the pipeline "
-                           "extras)") from None
+        raise StorageError(f"{head}: boto3 is not installed; fix: pip install boto3 (MLflow's and Metaflow's "
+                           "S3 support need it as well)") from None
     if endpoint_url:
         endpoint, source = endpoint_url, endpoint_source
     else:
