@@ -394,8 +394,12 @@ def _check_storage(argv: list[str]) -> None:
     """At launch (`run`, `resume`), before Metaflow writes its first artifact: an S3 datastore that cannot be used
     (no credentials, no bucket, access denied, endpoint down) stops here with one line naming the fix, instead of
     failing after Metaflow's S3 retries. The steps' processes (`step`) and other commands skip it."""
+    from metaflow import metaflow_config
+
     if not {"run", "resume"} & set(argv):
         return
+    if metaflow_config.DEFAULT_DATASTORE != "s3" and "s3" not in argv and "--datastore=s3" not in argv:
+        return  # a local datastore: no need to import moai_lib (torch, seconds) here
     from moai_lib.pipeline.storage import StorageError, check_metaflow_datastore
 
     try:

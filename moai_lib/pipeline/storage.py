@@ -10,8 +10,8 @@ Where the pipeline meets S3 and who checks it:
   * A DVC S3 remote: DVC itself (`dvc push` / `dvc pull` say what is wrong); nothing of moai runs there.
 
 `check_s3` asks for the credentials first (no network: botocore's chain of environment, shared files, profile;
-set AWS_EC2_METADATA_DISABLED=true off EC2 to skip the instance-metadata lookup), then sends one `HeadBucket`
-with short timeouts and one retry. A failure raises `StorageError` naming the URL, what uses it, the cause (no
+set AWS_EC2_METADATA_DISABLED=true off EC2 to skip the instance-metadata lookup), then lists at most one
+key under the URL's prefix (ListObjectsV2) with short timeouts and one retry. A failure raises `StorageError` naming the URL, what uses it, the cause (no
 credentials found / bucket does not exist / access denied / endpoint unreachable / wrong region) and the fix, in
 seconds, so that no GPU is held while a run fails later at its first upload.
 
@@ -66,7 +66,8 @@ def resolve_endpoint(endpoint_env: Sequence[str] = ()) -> tuple[str | None, str]
 def check_s3(url: str, what: str, *, setting: str | None = None, endpoint_env: Sequence[str] = (),
              endpoint_url: str | None = None, endpoint_source: str = "the given endpoint",
              timeout_s: float = 10.0) -> None:
-    """Check that the bucket of `url` exists and that these credentials may use it; `StorageError` otherwise.
+    """Check that the bucket of `url` exists and that these credentials may list its prefix; `StorageError`
+    otherwise.
 
     Args:
         url: s3://BUCKET[/PREFIX].
@@ -76,7 +77,7 @@ def check_s3(url: str, what: str, *, setting: str | None = None, endpoint_env: S
         endpoint_url: an explicit endpoint (wins over every variable); `endpoint_source` says where it came from.
         timeout_s: connect and read timeout of the one request.
     """
-    bucket, _ = split_s3_url(url)
+    bucket, prefix = split_s3_url(url)
     where = f" (set by {setting})" if setting else ""
     head = f"{what} {url}{where}"
     try:
@@ -106,7 +107,8 @@ def check_s3(url: str, what: str, *, setting: str | None = None, endpoint_env: S
     client = session.client("s3", endpoint_url=endpoint, config=Config(
         connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 2, "mode": "standard"}))
     try:
-        client.head_bucket(Bucket=bucket)
+        # ListObjectsV2 of the prefix, not HeadBucket: a policy may grant s3:ListBucket on the prefix only.
+        client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except ClientError as exc:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = str(exc.response.get("Error", {}).get("Code", status))
@@ -124,7 +126,7 @@ def check_s3(url: str, what: str, *, setting: str | None = None, endpoint_env: S
             raise StorageError(f"{head}: bucket {bucket!r} is in another region"
                                f"{f' ({region})' if region else ''} than {session.region_name or 'us-east-1'}; "
                                f"fix: export AWS_DEFAULT_REGION={region or '<the bucket region>'}") from None
-        raise StorageError(f"{head}: S3 at {at} answered {code} to HeadBucket; nothing was run") from None
+        raise StorageError(f"{head}: S3 at {at} answered {code} to ListObjectsV2; nothing was run") from None
     except NoCredentialsError:
         raise StorageError(f"{head}: no AWS credentials found; nothing was run; fix: {_CREDENTIALS_FIX}") from None
     except BotoCoreError as exc:  # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ...

@@ -67,6 +67,36 @@ def test_check_s3_with_the_endpoint_down_names_the_endpoint_variable(aws_env, mo
     assert "endpoint unreachable" in text and f"127.0.0.1:{port} (from MLFLOW_S3_ENDPOINT_URL)" in text, text
 
 
+def test_check_s3_with_refused_credentials_says_access_denied(aws_env, tmp_path, monkeypatch):
+    """A moto server process with authentication on (INITIAL_NO_AUTH_ACTION_COUNT=0) knows no access key."""
+    import socket
+
+    port = free_port()
+    log = open(tmp_path / "moto.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "moto.log").read_text()
+            time.sleep(0.2)
+        aws_env()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        with pytest.raises(StorageError) as err:
+            check_s3("s3://moai-private/data", "corpus", setting="tokenize.corpus")
+        text = str(err.value)
+        for fragment in ("corpus s3://moai-private/data (set by tokenize.corpus)", "access denied",
+                         "(from AWS_ENDPOINT_URL)", "access key test…", "AWS_ACCESS_KEY_ID"):
+            assert fragment in text, text
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
 def test_a_url_corpus_is_refused_with_the_way_to_fetch_it(tmp_path):
     params = tiny_params()
     params["tokenize"]["corpus"] = "s3://bucket/corpus/train.jsonl"
