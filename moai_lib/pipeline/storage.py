@@ -9,11 +9,11 @@ Where the pipeline meets S3 and who checks it:
     Metaflow writes its first artifact. Endpoint: `METAFLOW_S3_ENDPOINT_URL`, else the AWS variables.
   * A DVC S3 remote: DVC itself (`dvc push` / `dvc pull` say what is wrong); nothing of moai runs there.
 
-`check_s3` asks for the credentials first (no network: botocore's chain of environment, shared files, profile;
-set AWS_EC2_METADATA_DISABLED=true off EC2 to skip the instance-metadata lookup), then lists at most one
-key under the URL's prefix (ListObjectsV2) with short timeouts and one retry. A failure raises `StorageError` naming the URL, what uses it, the cause (no
-credentials found / bucket does not exist / access denied / endpoint unreachable / wrong region) and the fix, in
-seconds, so that no GPU is held while a run fails later at its first upload.
+`check_s3` asks for the credentials first (no network: botocore's chain of environment, shared files, profile; set
+AWS_EC2_METADATA_DISABLED=true off EC2 to skip the instance-metadata lookup), then lists at most one key under the
+URL's prefix (ListObjectsV2) with short timeouts and one retry. A failure raises `StorageError` naming the URL,
+what uses it, the cause (no credentials found / bucket does not exist / access denied / endpoint unreachable /
+wrong region) and the fix, in seconds, so that no GPU is held while a run fails later at its first upload.
 
 Endpoints: boto3 (botocore >= 1.31) reads AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL; a tool-specific
 variable (MLFLOW_S3_ENDPOINT_URL, METAFLOW_S3_ENDPOINT_URL) passed as `endpoint_env` takes precedence, as it
@@ -83,7 +83,7 @@ def check_s3(url: str, what: str, *, setting: str | None = None, endpoint_env: S
     try:
         import boto3
         from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
     except ImportError:
         raise StorageError(f"{head}: boto3 is not installed; fix: pip install boto3 (MLflow's and Metaflow's "
                            "S3 support need it as well)") from None
@@ -121,12 +121,15 @@ def check_s3(url: str, what: str, *, setting: str | None = None, endpoint_env: S
                                f"{key[:4]}…; nothing was run; fix: use credentials allowed s3:ListBucket, "
                                "s3:GetObject and s3:PutObject on it (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
                                "AWS_PROFILE), or another bucket") from None
-        if code in ("301", "PermanentRedirect", "400", "AuthorizationHeaderMalformed"):
+        if code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
             region = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
             raise StorageError(f"{head}: bucket {bucket!r} is in another region"
                                f"{f' ({region})' if region else ''} than {session.region_name or 'us-east-1'}; "
-                               f"fix: export AWS_DEFAULT_REGION={region or '<the bucket region>'}") from None
+                               f"nothing was run; fix: export AWS_DEFAULT_REGION={region or '<its region>'}") from None
         raise StorageError(f"{head}: S3 at {at} answered {code} to ListObjectsV2; nothing was run") from None
+    except ParamValidationError as exc:  # e.g. a bucket name S3 does not allow
+        raise StorageError(f"{head}: not a valid S3 location ({' '.join(str(exc).split())}); fix: correct the "
+                           f"URL{where}") from None
     except NoCredentialsError:
         raise StorageError(f"{head}: no AWS credentials found; nothing was run; fix: {_CREDENTIALS_FIX}") from None
     except BotoCoreError as exc:  # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ...
