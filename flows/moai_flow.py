@@ -42,6 +42,9 @@ model config file, export.sources) inside the code package (`@package_sources`);
 project's requirements (see the repository's Dockerfile). Each bundle is held in memory while it is stored or
 loaded: size the steps' memory for the largest model.
 
+S3: with METAFLOW_DEFAULT_DATASTORE=s3 a launch first checks the bucket of METAFLOW_DATASTORE_SYSROOT_S3
+(`moai_lib.pipeline.storage`), and every stage checks an s3:// MLflow artifact root before its work.
+
 MLflow: the start step resolves the tracking URI once (tracking.tracking_uri, else $MLFLOW_TRACKING_URI where
 start runs, else the sqlite store `mlruns.db` in the launch directory) and every step logs there; remote
 steps need a tracking server they can reach.
@@ -461,5 +464,25 @@ class MoaiPipelineFlow(FlowSpec):
         shutil.rmtree(self._run_dir(), ignore_errors=True)
 
 
+def _check_storage(argv: list[str]) -> None:
+    """At launch (`run`, `resume`), before Metaflow writes its first artifact: an S3 datastore that cannot be used
+    (no credentials, no bucket, access denied, endpoint down) stops here with one line naming the fix, instead of
+    failing after Metaflow's S3 retries. The steps' processes (`step`) and other commands skip it."""
+    from metaflow import metaflow_config
+
+    if not {"run", "resume"} & set(argv):
+        return
+    if metaflow_config.DEFAULT_DATASTORE != "s3" and "s3" not in argv and "--datastore=s3" not in argv:
+        return  # a local datastore: no need to import moai_lib (torch, seconds) here
+    from moai_lib.pipeline.storage import StorageError, check_metaflow_datastore
+
+    try:
+        check_metaflow_datastore(argv)
+    except StorageError as exc:
+        print(f"moai flow: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    _check_storage(sys.argv[1:])
     MoaiPipelineFlow()

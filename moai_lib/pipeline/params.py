@@ -575,6 +575,11 @@ def _corpus_paths(root: Path, value, param: str) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items or not all(isinstance(x, str) and x.strip() for x in items):
         raise _fail(param, f"expected a file, directory or glob (or a non-empty list of them), got {value!r}")
+    remote = next((x for x in items if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", x)), None)
+    if remote is not None:  # resolve_corpus_files reads local paths only; DVC versions a copy of remote data
+        raise _fail(param, f"{remote!r} is a URL; the tokenize stage reads local files",
+                    f"fetch it first (`dvc import-url {remote} data/corpus` keeps it versioned, or `aws s3 sync`) "
+                    "and point the param at the local copy")
     resolved = [x if os.path.isabs(x) else os.fspath(root / x) for x in items]
     try:
         files = resolve_corpus_files(resolved)

@@ -59,6 +59,7 @@ from typing import Any
 
 from ..errors import MoaiError
 from .errors import PipelineError
+from .storage import MLFLOW_S3_ENDPOINT_ENV, StorageError, check_s3, is_s3
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,10 @@ class TrackingParams:
             Errors after the work has started never stop the stage (see the module docstring).
         timeout_s: seconds allowed to one HTTP request to a tracking server: the pre-stage connection check (no
             retries) and each record sent during the stage (2 retries, then the spool).
+        artifact_location: where the experiment keeps its artifacts when this run creates it, e.g.
+            s3://BUCKET/mlflow (endpoint from MLFLOW_S3_ENDPOINT_URL, credentials from the AWS variables). None: the
+            server's default artifact root, or `<root>/mlartifacts` beside a local sqlite store. An s3:// root
+            (set here or by the server) is checked before the stage starts (`storage.check_s3`).
     """
 
     enabled: bool = True
@@ -117,6 +122,7 @@ class TrackingParams:
     experiment: str = "moai"
     on_failure: str = "fail"
     timeout_s: float = 10.0
+    artifact_location: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -132,6 +138,10 @@ class TrackingParams:
         t = self.timeout_s
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
             raise TrackingConfigError(f"tracking.timeout_s: must be a number of seconds > 0, got {t!r}")
+        loc = self.artifact_location
+        if loc is not None and (not isinstance(loc, str) or "://" not in loc):
+            raise TrackingConfigError("tracking.artifact_location: must be a URI (e.g. s3://BUCKET/mlflow or "
+                                      f"file:///abs/dir) or null, got {loc!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> TrackingParams:
@@ -427,12 +437,16 @@ def _unavailable_message(uri: str, source: str, error: BaseException) -> str:
 def connect(settings: TrackingParams, root: str | os.PathLike):
     """(MlflowClient, experiment id, tracking URI) after a connection check bounded by `settings.timeout_s`.
 
-    Raises `TrackingUnavailableError` with the fix when the store or server cannot be used."""
+    Raises `TrackingUnavailableError` with the fix when the store or server cannot be used, and
+    `storage.StorageError` when the experiment's artifact root is an S3 bucket these credentials cannot use."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     uri, source = settings.resolve_uri(root)
-    artifact_location = None
+    artifact_location = settings.artifact_location
+    if is_s3(artifact_location):  # before MLflow is touched: nothing is created for an unusable bucket
+        check_s3(artifact_location, "MLflow artifact root", setting="tracking.artifact_location",
+                 endpoint_env=(MLFLOW_S3_ENDPOINT_ENV,), timeout_s=settings.timeout_s)
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         try:
@@ -440,7 +454,7 @@ def connect(settings: TrackingParams, root: str | os.PathLike):
         except OSError as e:
             raise TrackingUnavailableError(_unavailable_message(uri, source, e)) from e
         # Artifacts beside the database (MLflow's default would be ./mlruns in whatever the cwd is).
-        artifact_location = (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+        artifact_location = artifact_location or (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         with _http_env(settings.timeout_s):
@@ -459,10 +473,20 @@ def connect(settings: TrackingParams, root: str | os.PathLike):
                     f"name in tracking.experiment")
             else:
                 experiment_id = experiment.experiment_id
+                if settings.artifact_location and experiment.artifact_location != settings.artifact_location:
+                    logger.warning("tracking.artifact_location %s is ignored: experiment %r already keeps its "
+                                   "artifacts in %s (choose another tracking.experiment to use the new location)",
+                                   settings.artifact_location, settings.experiment, experiment.artifact_location)
+            location = experiment.artifact_location if experiment is not None else artifact_location
+            if location is None:  # just created with the server's default artifact root
+                location = client.get_experiment(experiment_id).artifact_location
     except TrackingUnavailableError:
         raise
     except Exception as e:  # noqa: BLE001 - connection refused, timeout, HTTP 5xx, unreadable sqlite file, ...
         raise TrackingUnavailableError(_unavailable_message(uri, source, e)) from e
+    if is_s3(location) and location != settings.artifact_location:  # a root the params did not set (checked above)
+        check_s3(location, "MLflow artifact root", setting=f"experiment {settings.experiment!r} at {uri}",
+                 endpoint_env=(MLFLOW_S3_ENDPOINT_ENV,), timeout_s=settings.timeout_s)
     flush_spool(client, uri, root)
     return client, experiment_id, uri
 
@@ -523,7 +547,7 @@ def stage_run(stage: str, params: Mapping[str, Any], *, settings: TrackingParams
         return
     try:
         client, experiment_id, uri = connect(settings, root)
-    except TrackingUnavailableError as e:
+    except (TrackingUnavailableError, StorageError) as e:
         if settings.on_failure == "fail":
             raise
         logger.warning("%s\nRunning stage %s untracked (tracking.on_failure=warn).", e, stage)
