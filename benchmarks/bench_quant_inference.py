@@ -18,7 +18,8 @@ Validation before timing: the SQNR of each variant's prefill logits against bf16
 eager decoding (8 tokens). Timing: prefill a 32-token prompt, then `--steps` replayed steps (argmax included),
 median of 3. Memory: bytes allocated by the model (weights, plus the kernel layouts the int4 kernel builds: on
 CUDA the uint8 copy is released once tinygemm's layout exists, so INT4 holds each weight once) and the peak
-during decoding. Kernels per token: torch.profiler over graph-less steps. Floor: the bytes a step must read (every weight once) / 4 TB/s.
+during decoding. Kernels per token: torch.profiler over graph-less steps. Floor: the bytes a step must read
+(every weight once) / 4 TB/s.
 
     python benchmarks/bench_quant_inference.py [--preset 2b] [--out results/quant_inference.json]
 """

@@ -123,9 +123,10 @@ class CudaGraphDecoder:
 
     Even fused (`decode_logits`: ~10 kernels per layer with the Triton backend), at small batch a step's launch
     cost exceeds its work (the CPU, not the GPU, sets the pace). Replaying the captured step is one launch per
-    token, as mamba-ssm's `generate(cg=True)`. The graph reads the token ids from a static buffer, updates the cache's conv and SSM
-    state tensors in place (their addresses are fixed for the cache's life) and writes the next-token logits
-    (B, V) fp32 to a static buffer, returned by every call (overwritten by the next one: clone to keep them).
+    token, as mamba-ssm's `generate(cg=True)`. The graph reads the token ids from a static buffer, updates the
+    cache's conv and SSM state tensors in place (their addresses are fixed for the cache's life) and writes the
+    next-token logits (B, V) fp32 to a static buffer, returned by every call (overwritten by the next one: clone
+    to keep them). It also holds the cache's A = -exp(A_log): re-capture after changing the weights.
 
     Build it after the prefill, on a CUDA model and its `MoaiMambaCache`; the warm-up steps it runs before the
     capture are undone, so the cache is left as it was. Methods that replace the cache tensors (beam search's
