@@ -203,8 +203,10 @@ class QuantizedLinear(nn.Module):
         ones = torch.ones(n_groups, self.out_features, 1, dtype=torch.bfloat16, device=packed.device)
         unit = torch.cat((ones, 8 * ones), dim=-1)
         q = torch.empty(self.out_features, self.in_features, dtype=torch.uint8, device=packed.device)
-        for start in range(0, self.in_features, 4096):  # bounded scratch: at most a (4096, in) identity block
-            rows = min(4096, self.in_features - start)
+        # Bounded scratch: identity blocks of `block` rows, whose (block, out) bf16 products stay under ~256 MiB.
+        block = max(32, min(4096, (2 ** 27 // self.out_features) // 32 * 32))
+        for start in range(0, self.in_features, block):
+            rows = min(block, self.in_features - start)
             eye = torch.zeros(rows, self.in_features, dtype=torch.bfloat16, device=packed.device)
             idx = torch.arange(rows, device=packed.device)
             eye[idx, start + idx] = 1
