@@ -187,18 +187,26 @@ class QuantizedLinear(nn.Module):
             scale = self.scales.float()
             offset = (8 - self.zeros.float()) * scale  # (q − z)·s = (q − 8)·s + (8 − z)·s
             scales_and_offsets = torch.stack((scale, offset), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            if packed.is_cuda and not self._int4_only:
-                self._buffers["qweight"] = torch.empty(0, dtype=torch.uint8, device=packed.device)
-                self._int4_only = True
-                key = (packed.device, "int4pack", _version(self.scales), _version(self.zeros))
             self._int4mm_cache = (key, packed, scales_and_offsets)
+            if packed.is_cuda and not self._int4_only:
+                self._release_qweight()
         return self._int4mm_cache[1], self._int4mm_cache[2]
 
+    def _release_qweight(self) -> None:
+        """Drop the uint8 `qweight` (an empty placeholder stays registered): from now on the integers live only in
+        the cached int4mm layout. Done automatically on CUDA once that layout exists."""
+        packed = self._int4mm_cache[1]
+        self._buffers["qweight"] = torch.empty(0, dtype=torch.uint8, device=packed.device)
+        self._int4_only = True
+        self._int4mm_cache = ((packed.device, "int4pack", _version(self.scales), _version(self.zeros)),
+                              *self._int4mm_cache[1:])
+
     def _integers_from_int4pack(self) -> torch.Tensor:
-        """q (out, in) uint8 read back from the CUDA int4pack layout, exactly: the kernel with scale 1 and offset 8
+        """q (out, in) uint8 read back from the int4mm layout, exactly: the kernel with scale 1 and offset 8
         computes (q − 8)·1 + 8 = q, and an identity matrix as the input selects each q (small integers, exact in
         bf16 with fp32 accumulation)."""
         packed = self._int4mm_cache[1]
+        kernel = torch.ops.aten._weight_int4pack_mm if packed.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
         n_groups = self.in_features // self.group_size
         ones = torch.ones(n_groups, self.out_features, 1, dtype=torch.bfloat16, device=packed.device)
         unit = torch.cat((ones, 8 * ones), dim=-1)
@@ -210,8 +218,7 @@ class QuantizedLinear(nn.Module):
             eye = torch.zeros(rows, self.in_features, dtype=torch.bfloat16, device=packed.device)
             idx = torch.arange(rows, device=packed.device)
             eye[idx, start + idx] = 1
-            q[:, start:start + rows] = torch.ops.aten._weight_int4pack_mm(eye, packed, self.group_size, unit).T.to(
-                torch.uint8)
+            q[:, start:start + rows] = kernel(eye, packed, self.group_size, unit).T.to(torch.uint8)
         return q
 
     def _restore_qweight(self) -> None:
