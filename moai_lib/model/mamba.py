@@ -170,7 +170,7 @@ class MambaMixer(nn.Module):
         E = self.d_inner
         xz = self.in_proj(u)  # (B, 2E)
         x, z = xz[:, :E], xz[:, E:]  # strided views: the kernels take strides
-        backend = dispatch.resolve_backend(self.backend, u.device)
+        backend = _resolved_backend(self.backend, u.device)
         x = dispatch.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
                                           self.conv1d.bias, activation="silu", backend=backend)
         x_dbl = self.x_proj(x)  # (B, R + 2N)
