@@ -3,9 +3,10 @@
 #   OUT=/tmp/out bash benchmarks/gpu_decode.sh          (JSON and logs go to $OUT, default /tmp/out)
 # Needs: a CUDA GPU, torch + triton, transformers (the machine's image). Optional: bitsandbytes (NF4 row) from a
 # carried wheel folder .whl/ (../shared/device/wheels.sh), mamba-ssm (its comparison rows; skipped when
-# `import mamba_ssm` or its CUDA kernels fail). Budget: ~150 s of GPU time (each step has its own timeout).
+# `import mamba_ssm` or its CUDA kernels fail). Budget: ~150 s of GPU time expected; timeouts 120 + 150 + 200 s.
 #   1. GPU tests: fused add+RMSNorm / SiLU·mul / SSM step vs the torch spec at real widths; INT4 single copy
-#      (exact read-back, save/load); CUDA-graph tokens == eager tokens; the existing Triton decode/scan GPU tests.
+#      (exact read-back, save/load); CUDA-graph tokens == eager tokens; the existing Triton decode GPU tests and
+#      the tiny model's triton-vs-torch backend test (the scan's GPU tests are left out: not this change's).
 #   2. bench_generate_gpu.py (370m bf16): validation (graph == eager tokens), kernels per token, batch 1 and 64
 #      ms/token, TTFT, 1K vs 32K context.
 #   3. bench_quant_inference.py (2b): bf16 vs INT4 (tinygemm) vs INT4 + LM head vs FP8 vs NF4: SQNR, model GiB,
@@ -36,19 +37,19 @@ for name in ("mamba_ssm", "bitsandbytes"):
 EOF
 
 echo "== $(elapsed) s: 1. GPU validation tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfEs \
+timeout 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfEs \
   tests/kernels/test_triton_norm.py tests/quant/test_int4_single_copy.py tests/model/test_greedy_decode.py \
-  tests/model/test_mamba.py tests/kernels/test_triton_kernels.py -k "gpu or cuda" \
+  tests/model/test_mamba.py tests/kernels/test_triton_kernels.py -k "(gpu or cuda) and not scan" \
   --junitxml="$OUT/validate_junit.xml" 2>&1 | tail -25
 VALID=${PIPESTATUS[0]}
 echo "validation pytest exit status: $VALID (0 = all passed)"
 
 echo "== $(elapsed) s: 2. bench_generate_gpu.py (370m)"
-timeout 200 $PY benchmarks/bench_generate_gpu.py --out "$OUT/generate_gpu.json"
+timeout 150 $PY benchmarks/bench_generate_gpu.py --out "$OUT/generate_gpu.json"
 GEN=$?
 
 echo "== $(elapsed) s: 3. bench_quant_inference.py (2b)"
-timeout 240 $PY benchmarks/bench_quant_inference.py --out "$OUT/quant_inference.json"
+timeout 200 $PY benchmarks/bench_quant_inference.py --out "$OUT/quant_inference.json"
 QUANT=$?
 
 echo "== $(elapsed) s: done; exit statuses: validation $VALID, generate $GEN, quant $QUANT"
