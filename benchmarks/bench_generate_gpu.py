@@ -2,7 +2,9 @@
 
 Questions: (1) decode tokens/s at batch 1 and 64; (2) time to first token (the prefill of a 2K prompt, batch 1);
 (3) per-token latency after a 1K vs a 32K context (a recurrent model should be flat): the same slope, over 16..80
-new tokens, and for ours also the replayed step alone.
+new tokens, and for ours also the replayed step alone; (4) GPU kernels per token of our step (torch.profiler
+over a few graph-less `decode_logits` calls: what one graph replay launches). mamba-ssm rows are skipped when
+its CUDA kernels do not import.
 
 Model: the `--preset` (370m) in bf16 with random weights; mamba-ssm's `MambaLMHeadModel` of the same shape gets
 the same weights. First it validates: our CUDA-graph decoding gives exactly the tokens of our eager decoding;
@@ -27,7 +29,7 @@ import torch
 from gpu_common import RESULTS, copy_weights, mamba_ssm_lm, mamba_ssm_or_reason, scaled_error, write_json
 
 from moai_lib.config import get_mamba_config
-from moai_lib.model.generate import CudaGraphDecoder, greedy_decode
+from moai_lib.model.generate import CudaGraphDecoder, decode_logits, greedy_decode
 from moai_lib.model.mamba import MoaiMambaForCausalLM
 
 
@@ -65,6 +67,28 @@ def graph_step_ms(model, prompt, steps: int = 64) -> float:
             token = decoder(token).argmax(-1, keepdim=True)
     run()
     return wall_ms(run) / steps
+
+
+def step_kernels(model, prompt, steps: int = 4) -> dict:
+    """GPU kernels launched per token by the graph-less step (`decode_logits`), from torch.profiler: what one
+    replay of the captured graph runs. Returns the count and the ten most frequent kernel names."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    decode_logits(model, token, out.cache)  # warm-up: Triton compiles, the session's A is computed
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            decode_logits(model, token, out.cache)
+        torch.cuda.synchronize()
+    names = Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not names:  # older kineto builds attach kernels to their launching CPU op only
+        names = Counter(k.name for e in prof.events() for k in getattr(e, "kernels", []))
+    return {"kernels_per_token": sum(names.values()) / steps,
+            "top": {k: v / steps for k, v in names.most_common(10)}}
 
 
 def theirs_step_ms(theirs, prompt, n1=16, n2=80) -> float:
@@ -114,6 +138,11 @@ def main() -> None:
         raise SystemExit("CUDA-graph decoding does not reproduce eager decoding: not timing it")
 
     rows = []
+    for batch in (1, 64):
+        row = {"question": "kernels", "model": "ours (graph-less step)", "batch": batch,
+               **step_kernels(model, prompt[:1].expand(batch, -1).contiguous())}
+        print(row, flush=True)
+        rows.append(row)
     for batch in [int(b) for b in args.batches.split(",")]:
         prompt = torch.randint(0, vocab, (batch, args.prompt), device=device, generator=g)
         runs = {"ours (CUDA graph)": lambda n, pr=prompt: greedy_decode(model, pr, n, cuda_graph=True)}
@@ -165,7 +194,9 @@ def main() -> None:
     print("| question | model | batch / context | ms per token (or TTFT ms) | tokens/s |")
     print("|---|---|---|---|---|")
     for r in rows:
-        if r["question"] == "decode":
+        if r["question"] == "kernels":
+            print(f"| kernels per token | {r['model']} | B={r['batch']} | {r['kernels_per_token']:.0f} kernels | |")
+        elif r["question"] == "decode":
             print(f"| decode | {r['model']} | B={r['batch']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:.0f} |")
         elif r["question"] == "ttft":
             print(f"| TTFT | {r['model']} | prompt {r['prompt']} | {r['ms']:.2f} | |")

@@ -16,8 +16,10 @@ would otherwise hide the weight-read time that quantization shrinks.
 
 Validation before timing: the SQNR of each variant's prefill logits against bf16's, and CUDA-graph decoding =
 eager decoding (8 tokens). Timing: prefill a 32-token prompt, then `--steps` replayed steps (argmax included),
-median of 3. Memory: bytes allocated by the model (weights, plus any kernel-layout copies the int4 kernel
-caches) and the peak during decoding. Floor: the bytes a step must read (every weight once) / 4 TB/s.
+median of 3. Memory: bytes allocated by the model (weights, plus the kernel layouts the int4 kernel builds: on
+CUDA the uint8 copy is released once tinygemm's layout exists, so INT4 holds each weight once) and the peak
+during decoding. Kernels per token: torch.profiler over graph-less steps. Floor: the bytes a step must read
+(every weight once) / 4 TB/s.
 
     python benchmarks/bench_quant_inference.py [--preset 2b] [--out results/quant_inference.json]
 """
@@ -30,6 +32,7 @@ import os
 import time
 
 import torch
+from bench_generate_gpu import step_kernels
 from gpu_common import HBM_BYTES_PER_S, RESULTS, GiB, write_json
 
 from moai_lib.config import get_mamba_config
@@ -67,10 +70,18 @@ def contiguous_inputs(model) -> None:
 
 
 def step_read_bytes(model) -> int:
-    """Bytes one decode step reads: every parameter and buffer except the embedding (one row is read)."""
+    """Bytes one decode step reads: every parameter and buffer except the embedding (one row is read); for INT4
+    layers on CUDA, the int4pack layout and its bf16 scales-and-offsets (what tinygemm reads) instead of the
+    released uint8 buffers."""
     emb = model.backbone.embedding.weight
     seen, total = {emb.data_ptr()}, 0
-    for t in [*model.parameters(), *model.buffers()]:
+    tensors = [*model.parameters()]
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear) and getattr(module, "_int4_only", False):
+            tensors += list(module._int4mm_cache[1:]) + ([module.bias] if module.bias is not None else [])
+        else:
+            tensors += list(module.buffers(recurse=False))
+    for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
@@ -145,6 +156,7 @@ def main() -> None:
                 raise RuntimeError("CUDA-graph decoding differs from eager decoding")
             row["read_gib_per_step"] = step_read_bytes(model) / GiB
             row["ms_per_token"], row["peak_gib"] = decode_ms(model, prompt, args.steps)
+            row.update(step_kernels(model, prompt))
             row["tokens_per_s"] = 1e3 / row["ms_per_token"]
             row["floor_ms"] = step_read_bytes(model) / HBM_BYTES_PER_S * 1e3
             row["of_copy_bw"] = row["floor_ms"] / row["ms_per_token"]
@@ -156,17 +168,18 @@ def main() -> None:
             model = None
             torch.cuda.empty_cache()
     print(f"\n{args.preset} ({sum(p.numel() for p in base.parameters()) / 1e9:.2f}B params), batch 1, CUDA graph\n")
-    print("| variant | logits SQNR dB | model GiB | read/step GiB | ms/token | tokens/s | vs bf16 | of copy BW |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | logits SQNR dB | model GiB | read/step GiB | ms/token | tokens/s | vs bf16 | of copy BW "
+          "| kernels/token |")
+    print("|---|---|---|---|---|---|---|---|---|")
     bf16 = next((r for r in rows if r["variant"] == "bf16" and "tokens_per_s" in r), None)
     for r in rows:
         if "tokens_per_s" not in r:
-            print(f"| {r['variant']} | error: {r.get('error', '')[:80]} | | | | | | |")
+            print(f"| {r['variant']} | error: {r.get('error', '')[:80]} | | | | | | | |")
             continue
         vs = f"{r['tokens_per_s'] / bf16['tokens_per_s']:.2f}x" if bf16 else "-"
         print(f"| {r['variant']} | {r.get('logits_sqnr_db', float('inf')):.1f} | {r['model_gib']:.2f} | "
               f"{r['read_gib_per_step']:.2f} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:.0f} | {vs} | "
-              f"{r['of_copy_bw']:.0%} |")
+              f"{r['of_copy_bw']:.0%} | {r.get('kernels_per_token', float('nan')):.0f} |")
     write_json(args.out, {"preset": args.preset, "batch": 1, "prompt": 32, "rows": rows})
 
 

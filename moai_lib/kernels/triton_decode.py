@@ -1,4 +1,5 @@
-"""Decode-step kernels in Triton (backend ``triton``): one token of the selective scan and of the causal conv.
+"""Decode-step kernels in Triton (backend ``triton``): one token of the selective scan and of the causal conv,
+and `ssm_step_triton`, the model's fused step (dt projection + softplus + state update + D skip + SiLU(z) gate).
 
 Same signatures and semantics as `reference.selective_state_update_ref` and `reference.causal_conv1d_update_ref`
 (the spec); both update their state in place. Shape letters: B batch, D channels, N state size, W conv width.
@@ -16,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import selective_state_update_ref
 from .triton_scan import _on_device, _softplus
 
 _BLOCK_D = 64  # channels per program: (64, 16) fp32 state tile = 4 KiB, 8 values per thread at 4 warps
@@ -55,6 +57,53 @@ def _state_update_kernel(
     y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
         y += x * tl.load(D_ptr + offs_d * s_D, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * s_z_b + offs_d * s_z_d, mask=mask_d, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    tl.store(out_ptr + pid_b * s_out_b + offs_d * s_out_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _ssm_step_kernel(
+    state_ptr, x_ptr, xdbl_ptr, wdt_ptr, bias_ptr, A_ptr, D_ptr, z_ptr, out_ptr,
+    dim, dstate, rank,
+    s_state_b, s_state_d, s_state_n, s_x_b, s_x_d, s_xdbl_b, s_xdbl_c, s_w_d, s_w_r, s_A_d, s_A_n,
+    s_z_b, s_z_d, s_out_b, s_out_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # state: (B, D, N) fp32; x, z, out: (B, D); x_dbl: (B, R + 2N) = [dt_low; B; C]; W_dt: (D, R); A: (D, N).
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_r = offs_r < rank
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    row = xdbl_ptr + pid_b * s_xdbl_b
+
+    # Δ = softplus(W_dt · dt_low + bias): the (BLOCK_D, R) slice of dt_proj's weight, read once per step. The
+    # product is rounded to x_proj's output dtype, as the unfused `F.linear` would return it.
+    dt_low = tl.load(row + offs_r * s_xdbl_c, mask=mask_r, other=0.0).to(tl.float32)
+    w = tl.load(wdt_ptr + offs_d[:, None] * s_w_d + offs_r[None, :] * s_w_r,
+                mask=mask_d[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    dt = tl.sum(w * dt_low[None, :], axis=1).to(xdbl_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = _softplus(dt)
+    Bv = tl.load(row + (rank + offs_n) * s_xdbl_c, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(row + (rank + dstate + offs_n) * s_xdbl_c, mask=mask_n, other=0.0).to(tl.float32)
+
+    state_ptrs = state_ptr + pid_b * s_state_b + offs_d[:, None] * s_state_d + offs_n[None, :] * s_state_n
+    h = tl.load(state_ptrs, mask=mask_dn, other=0.0)
+    x = tl.load(x_ptr + pid_b * s_x_b + offs_d * s_x_d, mask=mask_d, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask_dn, other=0.0)
+    h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(state_ptrs, h, mask=mask_dn)
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(z_ptr + pid_b * s_z_b + offs_d * s_z_d, mask=mask_d, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
@@ -161,5 +210,68 @@ def causal_conv1d_update_triton(
             *out.stride(),
             HAS_BIAS=bias is not None, SILU=activation is not None,
             BLOCK_D=_BLOCK_D, BLOCK_W=max(2, triton.next_power_of_2(width)), num_warps=4,
+        )
+    return out
+
+
+def ssm_step_ref(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    x_dbl: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    A: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The mixer's decode step after x_proj, unfused (the spec of `ssm_step_triton`): split x_dbl (B, R + 2N)
+    into [dt_low; B; C], Δ = softplus(dt_low · W_dtᵀ + dt_bias), then `selective_state_update_ref`."""
+    rank, dstate = dt_weight.shape[1], A.shape[1]
+    dt_low, B, C = torch.split(x_dbl, [rank, dstate, dstate], dim=-1)
+    dt = torch.nn.functional.linear(dt_low, dt_weight)  # (B, D)
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=True)
+
+
+def ssm_step_triton(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    x_dbl: torch.Tensor,
+    dt_weight: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    A: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`ssm_step_ref` in one kernel; updates `state` in place.
+
+    state: (B, D, N) fp32 (contiguous in N is not required); x, z: (B, D) (strided views are fine); x_dbl:
+    (B, R + 2N), x_proj's output; dt_weight: (D, R); dt_bias, D: (D,) unit stride; A: (D, N) fp32, -exp(A_log)
+    (the caller caches it). Returns y (B, D) in x's dtype.
+    """
+    batch, dim = x.shape
+    rank, dstate = dt_weight.shape[1], A.shape[1]
+    if tuple(state.shape) != (batch, dim, dstate) or state.dtype != torch.float32:
+        raise ValueError(f"state must be fp32 of shape (B, D, N) = {(batch, dim, dstate)}, got "
+                         f"{state.dtype} {tuple(state.shape)}")
+    if x_dbl.shape != (batch, rank + 2 * dstate):
+        raise ValueError(f"x_dbl must have shape (B, R + 2N) = {(batch, rank + 2 * dstate)}, got {tuple(x_dbl.shape)}")
+    if A.dtype != torch.float32:
+        raise ValueError(f"A must be fp32 (-exp(A_log)), got {A.dtype}")
+    for name, t in (("dt_bias", dt_bias), ("D", D)):
+        if t is not None and t.stride(0) != 1:
+            raise ValueError(f"{name} must have unit stride")
+    out = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
+    zero2 = (0, 0)
+    # Few programs at small batch: narrower channel blocks spread one token's work over more SMs.
+    block_d = 32 if batch * triton.cdiv(dim, 64) < 256 else 64
+    with _on_device(x):
+        _ssm_step_kernel[(batch, triton.cdiv(dim, block_d))](
+            state, x, x_dbl, dt_weight, dt_bias, A, D, z, out,
+            dim, dstate, rank,
+            *state.stride(), *x.stride(), *x_dbl.stride(), *dt_weight.stride(), *A.stride(),
+            *(z.stride() if z is not None else zero2), *out.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+            BLOCK_D=block_d, BLOCK_N=max(2, triton.next_power_of_2(dstate)),
+            BLOCK_R=max(2, triton.next_power_of_2(rank)), num_warps=4,
         )
     return out

@@ -35,6 +35,20 @@ class MoaiMambaCache:
             for _ in range(config.num_hidden_layers)
         ]
         self.seqlen_offset = 0  # tokens consumed so far; 0 means the next forward is a prefill
+        # Per layer: (key of A_log's storage and version, A = -exp(A_log) fp32 (D, N)): computed once per decoding
+        # session instead of two kernels per layer per token; recomputed when A_log changes (see `decode_A`).
+        self._decode_A: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+    def decode_A(self, layer_idx: int, A_log: torch.Tensor) -> torch.Tensor:
+        """A = -exp(A_log) (D, N) fp32 for layer `layer_idx`'s decode step, cached while A_log is unchanged (same
+        storage, same version counter: an optimizer step or `load_state_dict` in place bumps the version).
+        A CUDA graph captured over the step holds the cached tensor: re-capture after changing the weights."""
+        key = (A_log.device, A_log.data_ptr(), -1 if A_log.is_inference() else A_log._version)
+        hit = self._decode_A.get(layer_idx)
+        if hit is None or hit[0] != key:
+            hit = (key, -torch.exp(A_log.detach().float()))
+            self._decode_A[layer_idx] = hit
+        return hit[1]
 
     # --- the part of HF's Cache protocol used by `generate` --------------------------------------------------
     @property

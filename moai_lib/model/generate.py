@@ -105,14 +105,28 @@ def generate_text(model, tokenizer, prompts: str | Sequence[str], **sampling) ->
 
 
 # CUDA-graph decoding ------------------------------------------------------------------------------------------
+def decode_logits(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """One token after a prefill: input_ids (B, 1) → next-token logits (B, V) fp32; advances the cache's states
+    (not its `seqlen_offset`). The model's forward minus its host-side input checks (a device sync each): the
+    step `CudaGraphDecoder` captures. The LM head is called directly: `lm_head_outputs` reads `lm_head.weight`,
+    which a quantized head materialises by dequantizing (a full-size matmul's worth of work per token)."""
+    backbone = model.backbone
+    hidden = backbone.decode_step(backbone.embedding(input_ids[:, 0]), cache)  # (B, d)
+    logits = model.lm_head(hidden).float()  # (B, V_padded)
+    if logits.shape[-1] > model.config.vocab_size:  # padding rows are never predicted
+        logits[:, model.config.vocab_size:] = torch.finfo(logits.dtype).min
+    return logits
+
+
 class CudaGraphDecoder:
     """The one-token decoding step of a `MoaiMambaForCausalLM`, captured once as a CUDA graph and replayed.
 
-    A decode step launches ~20 small kernels per layer; at small batch their launch cost exceeds their work
-    (the CPU, not the GPU, sets the pace). Replaying the captured step is one launch per token, as mamba-ssm's
-    `generate(cg=True)`. The graph reads the token ids from a static buffer, updates the cache's conv and SSM
-    state tensors in place (their addresses are fixed for the cache's life) and writes the next-token logits
-    (B, V) fp32 to a static buffer, returned by every call (overwritten by the next one: clone to keep them).
+    Even fused (`decode_logits`: ~10 kernels per layer with the Triton backend), at small batch a step's launch
+    cost exceeds its work (the CPU, not the GPU, sets the pace). Replaying the captured step is one launch per
+    token, as mamba-ssm's `generate(cg=True)`. The graph reads the token ids from a static buffer, updates the
+    cache's conv and SSM state tensors in place (their addresses are fixed for the cache's life) and writes the
+    next-token logits (B, V) fp32 to a static buffer, returned by every call (overwritten by the next one: clone
+    to keep them). It also holds the cache's A = -exp(A_log): re-capture after changing the weights.
 
     Build it after the prefill, on a CUDA model and its `MoaiMambaCache`; the warm-up steps it runs before the
     capture are undone, so the cache is left as it was. Methods that replace the cache tensors (beam search's
@@ -142,18 +156,7 @@ class CudaGraphDecoder:
         cache.seqlen_offset = offset
 
     def _step(self) -> torch.Tensor:
-        """The model's forward for one token, minus the host-side input checks (a device sync each)."""
-        from .loss import lm_head_outputs
-
-        model, backbone = self.model, self.model.backbone
-        hidden = backbone.embedding(self.input_ids)  # (B, 1, d)
-        if model.config.residual_in_fp32:
-            hidden = hidden.float()
-        for layer in backbone.layers:
-            hidden = layer(hidden, cache=self.cache)
-        hidden = backbone.norm_f(hidden)
-        _, logits = lm_head_outputs(hidden, model.lm_head, model.config.vocab_size, logits_to_keep=1)
-        return logits[:, -1]  # (B, V)
+        return decode_logits(self.model, self.input_ids, self.cache)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, 1) → next-token logits (B, V) fp32 (a static buffer); advances the cache by one."""

@@ -20,6 +20,7 @@ A_log, D and the recurrent state are kept in fp32 whatever the model dtype.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,17 @@ from .inputs import check_input_ids
 from .loss import lm_head_outputs
 
 
+def _use_triton(config: MoaiMambaConfig, device: torch.device) -> bool:
+    """Whether the block's glue (norms, SiLU·mul) runs as Triton kernels: when the scan backend resolves to
+    triton for `device` (CUDA, or the CPU under TRITON_INTERPRET=1 with backend 'triton')."""
+    return _resolved_backend(config.kernel_backend if config.use_fast_scan else "reference", device) == "triton"
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved_backend(backend: str, device: torch.device) -> str:
+    return dispatch.resolve_backend(backend, device)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) · weight, computed in fp32, returned in the weight's dtype."""
 
@@ -50,6 +62,17 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(self.weight.dtype)
+
+    def add_norm(self, x: torch.Tensor | None, residual: torch.Tensor,
+                 fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x); x None: (norm(residual), residual). `fused`: one Triton kernel
+        (`kernels.triton_norm`, differentiable), else this module's torch ops (the same expressions)."""
+        if fused:
+            from ..kernels.triton_norm import add_rms_norm_triton
+
+            return add_rms_norm_triton(x, residual, self.weight, self.eps)
+        residual = residual if x is None else residual + x
+        return self(residual), residual
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -134,19 +157,35 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))  # (B, L, d)
 
     def _step(self, hidden_states: torch.Tensor, cache: MoaiMambaCache) -> torch.Tensor:
-        """One decoding step: O(1) in the context length. hidden_states (B, 1, d)."""
-        xz = self.in_proj(hidden_states[:, 0])  # (B, 2E)
-        x, z = xz.chunk(2, dim=-1)
+        """`step` for a (B, 1, d) input (the forward's one-token path)."""
+        return self.step(hidden_states[:, 0], cache)[:, None]
+
+    def step(self, u: torch.Tensor, cache: MoaiMambaCache) -> torch.Tensor:
+        """One decoding step, O(1) in the context length: u (B, d) → (B, d); updates the cache's states in place.
+
+        With the Triton backend this is five launches: in_proj, the conv step (+SiLU), x_proj, one fused kernel
+        for Δ = softplus(dt_proj(dt) + bias), the state update, the D skip and the SiLU(z) gate
+        (`ssm_step_triton`), and out_proj. A = -exp(A_log) comes from the cache (computed once per session).
+        """
+        E = self.d_inner
+        xz = self.in_proj(u)  # (B, 2E)
+        x, z = xz[:, :E], xz[:, E:]  # strided views: the kernels take strides
+        backend = _resolved_backend(self.backend, u.device)
         x = dispatch.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
-                                          self.conv1d.bias, activation="silu", backend=self.backend)
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (B, E)
-        A = -torch.exp(self.A_log.float())
-        y = dispatch.selective_state_update(
-            cache.ssm_states[self.layer_idx], x, dt, A, B, C, self.D.float(), z=z,
-            dt_bias=self.dt_proj.bias.float(), dt_softplus=True, backend=self.backend,
-        )
-        return self.out_proj(y.to(hidden_states.dtype))[:, None]
+                                          self.conv1d.bias, activation="silu", backend=backend)
+        x_dbl = self.x_proj(x)  # (B, R + 2N)
+        A = cache.decode_A(self.layer_idx, self.A_log)
+        state = cache.ssm_states[self.layer_idx]
+        if backend == "triton" and isinstance(self.dt_proj, nn.Linear):
+            from ..kernels.triton_decode import ssm_step_triton
+
+            y = ssm_step_triton(state, x, x_dbl, self.dt_proj.weight, self.dt_proj.bias, A, self.D, z)
+        else:
+            dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            dt = F.linear(dt, self.dt_proj.weight)  # (B, E); bias goes inside the softplus
+            y = dispatch.selective_state_update(state, x, dt, A, B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
+                                                dt_softplus=True, backend=backend)
+        return self.out_proj(y)
 
 
 class GatedMLP(nn.Module):
@@ -154,11 +193,17 @@ class GatedMLP(nn.Module):
 
     def __init__(self, config: MoaiMambaConfig):
         super().__init__()
+        self.config = config
         self.fc1 = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, gate = self.fc1(x).chunk(2, dim=-1)
+        h = self.fc1(x)  # (..., 2I) = [y; gate]
+        if _use_triton(self.config, h.device) and not (torch.is_grad_enabled() and h.requires_grad):
+            from ..kernels.triton_norm import silu_mul_triton
+
+            return self.fc2(silu_mul_triton(h))  # inference: one kernel, the same bits as below
+        y, gate = h.chunk(2, dim=-1)
         return self.fc2(y * F.silu(gate))
 
 
@@ -178,12 +223,29 @@ class MambaBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, cache: MoaiMambaCache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states: the residual stream (B, L, d), fp32 when `residual_in_fp32`."""
+        """hidden_states: the residual stream (B, L, d), fp32 when `residual_in_fp32`. With the Triton backend
+        the norms are fused kernels and the mixer's residual add is fused into norm2."""
+        fused = _use_triton(self.mixer.config, hidden_states.device)
         residual = hidden_states
-        hidden_states = residual + self.mixer(self.norm(residual), cache=cache, attention_mask=attention_mask)
+        normed, _ = self.norm.add_norm(None, residual, fused)
+        mixed = self.mixer(normed, cache=cache, attention_mask=attention_mask)
+        if self.mlp is None:
+            return residual + mixed
+        normed, residual = self.norm2.add_norm(mixed, residual, fused)
+        return residual + self.mlp(normed)
+
+    def step(self, hidden: torch.Tensor | None, residual: torch.Tensor,
+             cache: MoaiMambaCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step in mamba-ssm's (hidden, residual) form, so that every residual add is fused into the
+        norm that follows it: hidden (B, d) is the previous block's output before its residual add (None for the
+        first block), residual (B, d) the stream up to it. Returns this block's (hidden, residual)."""
+        fused = _use_triton(self.mixer.config, residual.device)
+        normed, residual = self.norm.add_norm(hidden, residual, fused)
+        hidden = self.mixer.step(normed, cache)
         if self.mlp is not None:
-            hidden_states = hidden_states + self.mlp(self.norm2(hidden_states))
-        return hidden_states
+            normed, residual = self.norm2.add_norm(hidden, residual, fused)
+            hidden = self.mlp(normed)
+        return hidden, residual
 
 
 @dataclass
@@ -278,6 +340,16 @@ class MoaiMambaModel(MoaiMambaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embedding = value
 
+    def decode_step(self, inputs_embeds: torch.Tensor, cache: MoaiMambaCache) -> torch.Tensor:
+        """One token after a prefill: inputs_embeds (B, d) → the final-normed hidden state (B, d); advances the
+        cache's states (not its `seqlen_offset`). Each residual add is fused into the next norm (`MambaBlock.step`)."""
+        residual = inputs_embeds.float() if self.config.residual_in_fp32 else inputs_embeds
+        hidden = None
+        for layer in self.layers:
+            hidden, residual = layer.step(hidden, residual, cache)
+        normed, _ = self.norm_f.add_norm(hidden, residual, _use_triton(self.config, residual.device))
+        return normed
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -304,6 +376,11 @@ class MoaiMambaModel(MoaiMambaPreTrainedModel):
             cache = None
         if attention_mask is not None and (cache is None or cache.seqlen_offset == 0) and bool(attention_mask.all()):
             attention_mask = None  # nothing to mask: skip the extra multiplies
+        if cache is not None and cache.seqlen_offset > 0 and length == 1 and not output_hidden_states:
+            hidden_states = self.decode_step(inputs_embeds[:, 0], cache)[:, None]
+            cache.seqlen_offset += 1
+            out = MoaiMambaOutput(last_hidden_state=hidden_states, cache=cache)
+            return out if return_dict is not False else out.to_tuple()
         hidden_states = inputs_embeds.float() if self.config.residual_in_fp32 else inputs_embeds
         all_hidden = [] if output_hidden_states else None
         for layer in self.layers:

@@ -11,7 +11,8 @@ Matmul backends (`INT_BACKENDS`, chosen in `QuantizedLinear.resolve_backend` and
   and `aten._weight_int4pack_mm_for_cpu` on CPU (the edge-CPU path). They need 4 bits, group size 32-256,
   out_features % 8 == 0 and in_features % 32 == 0 on CUDA, out_features % 16 == 0 on CPU. Their
   dequantization is (q − 8)·s + m with m = (8 − z)·s, which is ours exactly up to rounding s and m to bf16.
-  The kernel layout is built from the stored integers on first use (per device) and cached.
+  The kernel layout is built from the stored integers on first use (per device) and cached. On CUDA the uint8
+  copy is then released: the GPU holds each 4-bit weight once (save, load and device moves still see it).
 - "auto": "int4mm" for bf16 activations where it applies, else "dequant": the automatic choice never lowers
   the activation precision (fp32 models keep fp32 matmuls; QAT's bit-exactness relies on this).
 """
@@ -63,6 +64,7 @@ class QuantizedLinear(nn.Module):
             raise QuantizationError(f"int: unknown backend {backend!r}; choose one of {', '.join(INT_BACKENDS)}")
         self.backend = backend
         self._int4mm_cache: tuple | None = None
+        self._int4_only = False  # CUDA: qweight released, the integers live only in the int4pack layout
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         n_groups = in_features // P.resolve_group_size(in_features, group_size)
@@ -131,6 +133,8 @@ class QuantizedLinear(nn.Module):
     # Compute ------------------------------------------------------------------------------------------------
     def integers(self) -> torch.Tensor:
         """q (out, in) uint8."""
+        if self._int4_only:
+            return self._integers_from_int4pack()
         return P.unpack_int4(self.qweight) if self.bits == 4 else self.qweight
 
     def qparams(self) -> P.QParams:
@@ -176,10 +180,21 @@ class QuantizedLinear(nn.Module):
 
     def _int4mm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed weight, scales-and-offsets (in/g, out, 2) bf16) in the kernel's layout for the buffers'
-        device, cached while the buffers are unchanged."""
-        key = (self.qweight.device, self.qweight.data_ptr(), *map(_version, (self.qweight, self.scales, self.zeros)))
+        device, cached while the buffers are unchanged.
+
+        On CUDA the uint8 `qweight` is then released (replaced by an empty placeholder), so the GPU holds the
+        4-bit weight once, in tinygemm's layout; `integers()`, `state_dict()` and moving the module off the GPU
+        recover the exact integers from that layout (`_integers_from_int4pack`)."""
+        if self._int4_only:
+            packed = self._int4mm_cache[1]
+            key = (packed.device, "int4pack", _version(self.scales), _version(self.zeros))
+        else:
+            key = (self.qweight.device, self.qweight.data_ptr(),
+                   *map(_version, (self.qweight, self.scales, self.zeros)))
         if self._int4mm_cache is None or self._int4mm_cache[0] != key:
-            if self.qweight.is_cuda:
+            if self._int4_only:
+                pass  # the packed weight stays; only the scales and offsets below are rebuilt
+            elif self.qweight.is_cuda:
                 # The CUDA packer reads the even column from the high nibble; ours stores it in the low one.
                 swapped = (self.qweight << 4) | (self.qweight >> 4)
                 inner_k_tiles = next(t for t in (8, 4, 2) if (self.in_features // 16) % t == 0)
@@ -190,7 +205,64 @@ class QuantizedLinear(nn.Module):
             offset = (8 - self.zeros.float()) * scale  # (q − z)·s = (q − 8)·s + (8 − z)·s
             scales_and_offsets = torch.stack((scale, offset), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._int4mm_cache = (key, packed, scales_and_offsets)
+            if packed.is_cuda and not self._int4_only:
+                self._release_qweight()
         return self._int4mm_cache[1], self._int4mm_cache[2]
+
+    def _release_qweight(self) -> None:
+        """Drop the uint8 `qweight` (an empty placeholder stays registered): from now on the integers live only in
+        the cached int4mm layout. Done automatically on CUDA once that layout exists."""
+        packed = self._int4mm_cache[1]
+        self._buffers["qweight"] = torch.empty(0, dtype=torch.uint8, device=packed.device)
+        self._int4_only = True
+        self._int4mm_cache = ((packed.device, "int4pack", _version(self.scales), _version(self.zeros)),
+                              *self._int4mm_cache[1:])
+
+    def _integers_from_int4pack(self) -> torch.Tensor:
+        """q (out, in) uint8 read back from the int4mm layout, exactly: the kernel with scale 1 and offset 8
+        computes (q − 8)·1 + 8 = q, and an identity matrix as the input selects each q (small integers, exact in
+        bf16 with fp32 accumulation)."""
+        packed = self._int4mm_cache[1]
+        kernel = torch.ops.aten._weight_int4pack_mm if packed.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        n_groups = self.in_features // self.group_size
+        ones = torch.ones(n_groups, self.out_features, 1, dtype=torch.bfloat16, device=packed.device)
+        unit = torch.cat((ones, 8 * ones), dim=-1)
+        q = torch.empty(self.out_features, self.in_features, dtype=torch.uint8, device=packed.device)
+        # Bounded scratch: identity blocks of `block` rows, whose (block, out) bf16 products stay under ~256 MiB.
+        block = max(32, min(4096, (2 ** 27 // self.out_features) // 32 * 32))
+        for start in range(0, self.in_features, block):
+            rows = min(block, self.in_features - start)
+            eye = torch.zeros(rows, self.in_features, dtype=torch.bfloat16, device=packed.device)
+            idx = torch.arange(rows, device=packed.device)
+            eye[idx, start + idx] = 1
+            q[:, start:start + rows] = kernel(eye, packed, self.group_size, unit).T.to(torch.uint8)
+        return q
+
+    def _restore_qweight(self) -> None:
+        """Bring back the uint8 `qweight` buffer (packed two per byte) from the int4pack layout."""
+        if self._int4_only:
+            q = self._integers_from_int4pack()
+            self._buffers["qweight"] = P.pack_int4(q)
+            self._int4_only, self._int4mm_cache = False, None
+
+    def _apply(self, fn, recurse=True):
+        self._restore_qweight()  # a device or dtype move works on the plain buffers, as before any forward
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._int4_only:
+            destination[prefix + "qweight"] = P.pack_int4(self._integers_from_int4pack())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self._int4_only:  # loading replaces the integers: back to a full-size buffer to copy into
+            device = self._int4mm_cache[1].device
+            self._buffers["qweight"] = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8,
+                                                   device=device)
+            self._int4_only, self._int4mm_cache = False, None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) → (..., out) in x's dtype (see the module docstring for the backends)."""
