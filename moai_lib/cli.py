@@ -403,6 +403,10 @@ def _print_train_summary(metrics: dict, output_dir: Path) -> None:
         line += f", validation perplexity {metrics['val_ppl']:.2f}"
         if "valid_unigram_ppl" in metrics:
             line += f" (unigram baseline {metrics['valid_unigram_ppl']:.2f})"
+    if metrics.get("peak_mem_gib_per_rank"):
+        line += ", peak GPU memory per rank " + "/".join(f"{g:.1f}" for g in metrics["peak_mem_gib_per_rank"]) + " GiB"
+    if metrics.get("resumed_from_step"):
+        line += f", resumed from step {metrics['resumed_from_step']} on {metrics['num_processes']} process(es)"
     print(line)
     per_lang = {k.removeprefix("val_ppl_"): v for k, v in metrics.items() if k.startswith("val_ppl_")}
     if per_lang:

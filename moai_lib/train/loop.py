@@ -464,6 +464,13 @@ def pretrain(
                 break
     bar.close()
 
+    peak_gib = None
+    if accelerator.device.type == "cuda":  # training's peak (before the final evaluation), every rank's
+        peak_gib = [torch.cuda.max_memory_allocated(accelerator.device) / 2**30]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            peak_gib = gather_object(peak_gib)
     metrics: dict = {"completed": not stopped_early, "step": step, "total_steps": total_steps,
                      "train_loss": train_loss, "tokens_seen": step * tokens_per_step,
                      "tokens_per_second": steps_run * tokens_per_step / train_time if train_time else 0.0,
@@ -471,6 +478,8 @@ def pretrain(
                      "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
                      "mixed_precision": accelerator.mixed_precision, "num_processes": world, "distributed": strategy,
                      "global_batch": global_batch}
+    if peak_gib is not None:
+        metrics["peak_mem_gib_per_rank"] = peak_gib
     if unigram_ppl is not None:
         metrics["valid_unigram_ppl"] = unigram_ppl
     if not stopped_early:
