@@ -10,12 +10,13 @@ The math (Mamba-1, S6, eq. (2a)-(2b), ZOH for A and Euler for B), per (b, d, n):
     h_t = a_t * h_{t-1} + x_t                     y_t = (sum_n C_t * h_t + D * u_t) * silu(z_t)
 
 Design. One program per (batch row, block of BD channels[, segment of L]); it walks L in chunks of T steps and
-carries the fp32 state h (N, BD) in registers from chunk to chunk, so any L works and nothing of size B*D*L*N exists in memory.
-Inside a chunk, a_t and x_t form one (T, N, BD) register tile and `tl.associative_scan` over T with the combine
-(a1, b1), (a2, b2) -> (a1*a2, b1*a2 + b2) (the composition of the maps h -> a*h + b) gives the chunk's states;
-the carried state enters as x_0 + a_0 * h. B_t and C_t, (T, N), are loaded once per program and shared by its
-BD channels. delta_bias, softplus, the D skip and the z gate are fused; inputs are read in their dtype (fp32,
-bf16, fp16), all arithmetic and the state are fp32, and exp(delta*A) is one MUFU `exp2` (A pre-scaled by log2 e).
+carries the fp32 state h (N, BD) in registers from chunk to chunk, so any L works and nothing of size B*D*L*N
+exists in memory. Inside a chunk, a_t and x_t form one (T, N, BD) register tile and `tl.associative_scan` over T
+with the combine (a1, b1), (a2, b2) -> (a1*a2, b1*a2 + b2) (the composition of the maps h -> a*h + b) gives the
+chunk's states; the carried state enters as x_0 + a_0 * h. B_t and C_t, (T, N), are loaded once per program and
+shared by its BD channels. delta_bias, softplus, the D skip and the z gate are fused; inputs are read in their
+dtype (fp32, bf16, fp16), all arithmetic and the state are fp32, and exp(delta*A) is one MUFU `exp2` (A pre-scaled
+by log2 e).
 
 Register layout. Triton lays out a tensor built by broadcasting with the 32 lanes of a warp along its last
 dimension. With time last, the scan over T runs across lanes in log2(32) shuffle rounds, about 10 warp shuffles
