@@ -46,11 +46,11 @@ the full backward per segment. Segmenting costs one extra scan of the inputs per
 only segments when the unsegmented grid is short of programs (B=8 at D=4096 is not segmented).
 
 Backward (recomputation instead of stored B*D*L*N intermediates): when a gradient is needed, the forward also
-writes the state entering every `save_every` steps (default `SAVE_EVERY` = 64), (B, D, ceil(L/64), N) fp32:
+writes the state entering every `save_every` steps (default `SAVE_EVERY` = 64), (B, ceil(L/64), D, N) fp32:
 4*N/64 = 1 byte per element at N=16, half of bf16 u (checkpointing every 4 steps, as before, cost 16 bytes per
 element: 2 GiB for one layer at B=1, D=4096, L=32K). The backward program walks its segment in reverse in blocks
 of save_every steps; per block it first recomputes the block's forward from the checkpoint, keeping the state
-entering each of its chunks of T_bwd steps in a per-program scratch buffer (B, D, n_seg, save_every/T_bwd, N),
+entering each of its chunks of T_bwd steps in a per-program scratch buffer (B, n_seg, save_every/T_bwd, D, N),
 which stays in L2; then it walks the block's chunks in reverse: per chunk it reloads the inputs, recomputes a_t,
 x_t and h_t with the forward scan, and solves the adjoint recurrence
 
@@ -247,6 +247,20 @@ def _softplus(x):
 
 
 @triton.jit
+def _row_offsets(t, d_own, s_l, o_u, o_dl, LAY: tl.constexpr):
+    # In-row offsets of a (B, D, L) tensor for a chunk: t (T, 1[, 1]) steps, d_own its channels' offsets. LAY 1
+    # or 2: the tensor has u's or delta's strides (known at launch), so it reuses their offsets (one pointer tile
+    # per distinct layout, as few registers as the contiguous-only kernels had).
+    if LAY == 1:
+        o = o_u
+    elif LAY == 2:
+        o = o_dl
+    else:
+        o = t * s_l + d_own
+    return o
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hin_ptr,
     out_ptr, last_ptr, states_ptr, hend_ptr, dsum_ptr,
@@ -255,6 +269,7 @@ def _scan_fwd_kernel(
     s_bb, s_bn, s_bl, s_cb, s_cn, s_cl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, LOCAL: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr,
+    LAY_DL: tl.constexpr, LAY_Z: tl.constexpr, LAY_O: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # One program per (batch row, block of BD channels, segment of seg_len steps); seg_len is a multiple of
@@ -262,7 +277,7 @@ def _scan_fwd_kernel(
     # D, bias: (D,); hin: (B, D, n_seg, N), the state entering each segment; last: (B, D, N).
     # LOCAL (pass 1 of the segmented forward): scan the segment from a zero state, write no y, store the
     # segment's end state in hend (B, D, n_seg, N) and its sum of delta in dsum (B, D, n_seg).
-    # Otherwise write y, the state entering every SAVE_EVERY steps into states (B, D, n_saved, N) when
+    # Otherwise write y, the state entering every SAVE_EVERY steps into states (B, n_saved, D, N) when
     # SAVE_STATES, and the final state from the last segment.
     # Tiles are (T, N, BD): time, state, channel (see "Register layout" in the module docstring).
     pid_b = tl.program_id(0).to(tl.int64)
@@ -280,14 +295,16 @@ def _scan_fwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    # Per-chunk offsets, int32 (< 2^31 for any realistic stride); the int64 part is the per-chunk base.
-    off_u = offs_l[:, None] * s_ul + offs_d[None, :] * s_ud  # (T, BD)
-    off_dl = offs_l[:, None] * s_dl + offs_d[None, :] * s_dd
-    off_z = offs_l[:, None] * s_zl + offs_d[None, :] * s_zd
-    off_o = offs_l[:, None] * s_ol + offs_d[None, :] * s_od
-    off_b = offs_l[:, None] * s_bl + offs_n[None, :] * s_bn  # (T, N)
-    off_c = offs_l[:, None] * s_cl + offs_n[None, :] * s_cn
-    st_off = (pid_b * dim + offs_d[None, :]) * n_saved * dstate + offs_n[:, None]  # (N, BD) into states
+    # Offsets within a batch row are int32 (the wrapper checks they fit), computed per chunk from per-channel
+    # parts: hoisted (T, BD) offset tiles would hold T registers each, and the B=8 shapes have none to spare.
+    u_row, dl_row, o_row = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db, out_ptr + pid_b * s_ob
+    if HAS_Z:
+        z_row = z_ptr + pid_b * s_zb
+    b_row, c_row = B_ptr + pid_b * s_bb, C_ptr + pid_b * s_cb
+    d_u, d_dl, d_z, d_o = offs_d * s_ud, offs_d * s_dd, offs_d * s_zd, offs_d * s_od  # (BD,)
+    n_b, n_c = offs_n * s_bn, offs_n * s_cn  # (N,)
+    nd = offs_d[None, :] * dstate + offs_n[:, None]  # (N, BD) into a (D, N) slice
+    st_row = states_ptr + pid_b * n_saved * dim * dstate  # states (B, n_saved, D, N): slices of (D, N)
     first = offs_l[:, None, None] == 0
     last = offs_l[:, None, None] == BLOCK_L - 1
 
@@ -302,25 +319,28 @@ def _scan_fwd_kernel(
     n_chunks = tl.minimum(seg_len // BLOCK_L, tl.cdiv(length - seg_start, BLOCK_L))
     for c in range(n_chunks):
         t0 = seg_start + c * BLOCK_L
-        t0_64 = t0.to(tl.int64)
-        mask_l = (t0 + offs_l) < length
+        t = t0 + offs_l
+        mask_l = t < length
         mask_ld = mask_l[:, None] & mask_d[None, :]
         mask_ln = mask_l[:, None] & mask_n[None, :]
         if SAVE_STATES:
             if SAVE_EVERY >= BLOCK_L:
                 if t0 % SAVE_EVERY == 0:
-                    tl.store(states_ptr + st_off + (t0 // SAVE_EVERY) * dstate, h, mask=mask_nd)
+                    tl.store(st_row + (t0 // SAVE_EVERY) * dim * dstate + nd, h, mask=mask_nd)
             else:
-                tl.store(states_ptr + st_off + (t0 // SAVE_EVERY) * dstate, h, mask=mask_nd)
+                tl.store(st_row + (t0 // SAVE_EVERY) * dim * dstate + nd, h, mask=mask_nd)
 
-        u = tl.load(u_ptr + (pid_b * s_ub + t0_64 * s_ul) + off_u, mask=mask_ld, other=0.0).to(tl.float32)
-        dl = tl.load(delta_ptr + (pid_b * s_db + t0_64 * s_dl) + off_dl, mask=mask_ld, other=0.0).to(tl.float32)
+        t2 = t[:, None]
+        o_u = t2 * s_ul + d_u[None, :]  # (T, BD)
+        o_dl = _row_offsets(t2, d_dl[None, :], s_dl, o_u, o_u, LAY_DL)
+        u = tl.load(u_row + o_u, mask=mask_ld, other=0.0).to(tl.float32)
+        dl = tl.load(dl_row + o_dl, mask=mask_ld, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dl = dl + bias[None, :]
         if SOFTPLUS:
             dl = _softplus(dl)
         dl = tl.where(mask_ld, dl, 0.0)  # padded steps: a = 1, x = 0, the state passes through
-        Bt = tl.load(B_ptr + (pid_b * s_bb + t0_64 * s_bl) + off_b, mask=mask_ln, other=0.0).to(tl.float32)
+        Bt = tl.load(b_row + t[:, None] * s_bl + n_b[None, :], mask=mask_ln, other=0.0).to(tl.float32)  # (T, N)
 
         a = tl.exp2(dl[:, None, :] * A2[None, :, :])  # (T, N, BD)
         x = Bt[:, :, None] * (dl * u)[:, None, :]
@@ -331,20 +351,22 @@ def _scan_fwd_kernel(
         if LOCAL:
             dsum += tl.sum(dl, axis=0)
         else:
-            Ct = tl.load(C_ptr + (pid_b * s_cb + t0_64 * s_cl) + off_c, mask=mask_ln, other=0.0).to(tl.float32)
+            Ct = tl.load(c_row + t[:, None] * s_cl + n_c[None, :], mask=mask_ln, other=0.0).to(tl.float32)
             y = tl.sum(hs * Ct[:, :, None], axis=1)  # (T, BD)
             if HAS_D:
                 y += Dv[None, :] * u
             if HAS_Z:
-                zv = tl.load(z_ptr + (pid_b * s_zb + t0_64 * s_zl) + off_z, mask=mask_ld, other=0.0).to(tl.float32)
+                o_z = _row_offsets(t2, d_z[None, :], s_zl, o_u, o_dl, LAY_Z)
+                zv = tl.load(z_row + o_z, mask=mask_ld, other=0.0).to(tl.float32)
                 y *= zv * tl.sigmoid(zv)
-            tl.store(out_ptr + (pid_b * s_ob + t0_64 * s_ol) + off_o, y.to(out_ptr.dtype.element_ty), mask=mask_ld)
+            o_o = _row_offsets(t2, d_o[None, :], s_ol, o_u, o_dl, LAY_O)
+            tl.store(o_row + o_o, y.to(out_ptr.dtype.element_ty), mask=mask_ld)
             if SAVE_STATES:
                 if SAVE_EVERY < BLOCK_L:
                     for k in tl.static_range(1, BLOCK_L // SAVE_EVERY):
                         if t0 + k * SAVE_EVERY < length:
                             hk = tl.sum(tl.where(offs_l[:, None, None] == k * SAVE_EVERY - 1, hs, -0.0), axis=0)
-                            tl.store(states_ptr + st_off + ((t0 + k * SAVE_EVERY) // SAVE_EVERY) * dstate, hk,
+                            tl.store(st_row + ((t0 + k * SAVE_EVERY) // SAVE_EVERY) * dim * dstate + nd, hk,
                                      mask=mask_nd)
         h = tl.sum(tl.where(last, hs, -0.0), axis=0)  # padded steps kept the state of step L-1
 
@@ -417,11 +439,13 @@ def _scan_bwd_kernel(
     s_hb, s_hd, s_hl, s_eb, s_ed, s_el, s_wb, s_wd, s_wl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, ADJ_ONLY: tl.constexpr, RECOMPUTE: tl.constexpr, SAVE_EVERY: tl.constexpr,
-    SUB: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    SUB: tl.constexpr, LAY_DL: tl.constexpr, LAY_Z: tl.constexpr, LAY_G: tl.constexpr, LAY_H: tl.constexpr,
+    LAY_E: tl.constexpr, LAY_W: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # One program per (batch row, block of channels, segment); it walks its segment backwards in blocks of
     # SAVE_EVERY steps (a multiple of BLOCK_L), and each block backwards in chunks of BLOCK_L.
-    # Inputs as in the forward (strides s_u*, s_d*, s_z*, s_b*, s_c*); dout (s_g*); states: (B, D, n_saved, N),
+    # Inputs as in the forward (strides s_u*, s_d*, s_z*, s_b*, s_c*); dout (s_g*); states: (B, n_saved, D, N),
     # the state entering every SAVE_EVERY steps; qin: (B, D, n_seg, N), a_{t1} g_{t1} after each segment's last
     # step t1 (dL/dh_last for the last segment).
     # ADJ_ONLY (pass 1 of the segmented backward, segments 1..n_seg-1): only the adjoint, from a zero carry;
@@ -429,7 +453,7 @@ def _scan_bwd_kernel(
     # Otherwise: du, ddelta, dz (B, D, L) with strides s_h*, s_e*, s_w*; dB, dC (B, N, L) contiguous fp32,
     # accumulated atomically; dA (B, n_seg, D, N), dD and dbias (B, n_seg, D) fp32 per batch row and segment;
     # dh0 (B, D, N) fp32. When SAVE_EVERY > BLOCK_L, each block first recomputes its forward from the saved
-    # state and keeps the state entering each of its chunks in scratch (B, D, n_seg, SAVE_EVERY / BLOCK_L, N),
+    # state and keeps the state entering each of its chunks in scratch (B, n_seg, SAVE_EVERY / BLOCK_L, D, N),
     # a per-program buffer small enough to stay in L2.
     # Tiles are (T, D2, N, D1): the program's BLOCK_D2 * BLOCK_D1 channels are split into D2 groups held in
     # registers and D1 channels along the lanes (see "Register layout" in the module docstring).
@@ -450,17 +474,17 @@ def _scan_bwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    l3 = offs_l[:, None, None]
-    d3 = offs_d[None, :, :]
-    off_u = l3 * s_ul + d3 * s_ud  # (T, D2, D1)
-    off_dl = l3 * s_dl + d3 * s_dd
-    off_z = l3 * s_zl + d3 * s_zd
-    off_g = l3 * s_gl + d3 * s_gd
-    off_b = offs_l[:, None] * s_bl + offs_n[None, :] * s_bn  # (T, N)
-    off_c = offs_l[:, None] * s_cl + offs_n[None, :] * s_cn
+    # Offsets within a batch row: int32, computed per chunk from per-channel parts (as in the forward).
+    u_row, dl_row = u_ptr + pid_b * s_ub, delta_ptr + pid_b * s_db
+    if HAS_Z:
+        z_row = z_ptr + pid_b * s_zb
+    g_row, b_row, c_row = dout_ptr + pid_b * s_gb, B_ptr + pid_b * s_bb, C_ptr + pid_b * s_cb
+    d_u, d_dl, d_z, d_g = offs_d * s_ud, offs_d * s_dd, offs_d * s_zd, offs_d * s_gd  # (D2, D1)
+    n_b, n_c = offs_n * s_bn, offs_n * s_cn
     chan = pid_b * dim + offs_d[:, None, :]  # (D2, 1, D1)
-    st_off = chan * n_saved * dstate + offs_n[None, :, None]  # (D2, N, D1) into states
-    sc_off = (chan * n_seg + pid_s) * SUB * dstate + offs_n[None, :, None]  # into scratch
+    # Checkpoints and scratch are stacks of (D, N) slices: their offsets reuse dnd (no extra offset tiles).
+    st_row = states_ptr + pid_b * n_saved * dim * dstate
+    sc_row = scratch_ptr + (pid_b * n_seg + pid_s) * SUB * dim * dstate
     first = offs_l[:, None, None, None] == 0
     last = offs_l[:, None, None, None] == BLOCK_L - 1
 
@@ -480,22 +504,23 @@ def _scan_bwd_kernel(
         n_ch = tl.minimum(SUB, tl.cdiv(length - sub_start, BLOCK_L))
         if RECOMPUTE:
             # This block's forward again, from its saved state: the state entering each chunk, into scratch.
-            h = tl.load(states_ptr + st_off + (sub_start // SAVE_EVERY) * dstate, mask=mask_dnd, other=0.0)
+            h = tl.load(st_row + (sub_start // SAVE_EVERY) * dim * dstate + dnd, mask=mask_dnd, other=0.0)
             for k in range(n_ch):
-                tl.store(scratch_ptr + sc_off + k * dstate, h, mask=mask_dnd)
-                t0 = sub_start + k * BLOCK_L
-                t0_64 = t0.to(tl.int64)
-                mask_ld = ((t0 + offs_l) < length)[:, None, None] & mask_d[None, :, :]
-                mask_ln = ((t0 + offs_l) < length)[:, None] & mask_n[None, :]
-                u = tl.load(u_ptr + (pid_b * s_ub + t0_64 * s_ul) + off_u, mask=mask_ld, other=0.0).to(tl.float32)
-                dl = tl.load(delta_ptr + (pid_b * s_db + t0_64 * s_dl) + off_dl, mask=mask_ld,
-                             other=0.0).to(tl.float32)
+                tl.store(sc_row + k * dim * dstate + dnd, h, mask=mask_dnd)
+                t = sub_start + k * BLOCK_L + offs_l
+                mask_ld = (t < length)[:, None, None] & mask_d[None, :, :]
+                mask_ln = (t < length)[:, None] & mask_n[None, :]
+                t3 = t[:, None, None]
+                o_u = t3 * s_ul + d_u[None, :, :]  # (T, D2, D1)
+                o_dl = _row_offsets(t3, d_dl[None, :, :], s_dl, o_u, o_u, LAY_DL)
+                u = tl.load(u_row + o_u, mask=mask_ld, other=0.0).to(tl.float32)
+                dl = tl.load(dl_row + o_dl, mask=mask_ld, other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     dl = dl + bias[None, :, :]
                 if SOFTPLUS:
                     dl = _softplus(dl)
                 dl = tl.where(mask_ld, dl, 0.0)
-                Bt = tl.load(B_ptr + (pid_b * s_bb + t0_64 * s_bl) + off_b, mask=mask_ln,
+                Bt = tl.load(b_row + t[:, None] * s_bl + n_b[None, :], mask=mask_ln,
                              other=0.0).to(tl.float32)[:, None, :, None]
                 a = tl.exp2(dl[:, :, None, :] * A2[None, :, :, :])
                 x = Bt * (dl * u)[:, :, None, :]
@@ -506,11 +531,14 @@ def _scan_bwd_kernel(
 
         for i in range(n_ch):
             t0 = sub_start + (n_ch - 1 - i) * BLOCK_L
-            t0_64 = t0.to(tl.int64)
-            mask_l = (t0 + offs_l) < length
+            t = t0 + offs_l
+            mask_l = t < length
             mask_ld = mask_l[:, None, None] & mask_d[None, :, :]  # (T, D2, D1)
             mask_ln = mask_l[:, None] & mask_n[None, :]  # (T, N)
-            pre = tl.load(delta_ptr + (pid_b * s_db + t0_64 * s_dl) + off_dl, mask=mask_ld, other=0.0).to(tl.float32)
+            t3 = t[:, None, None]
+            o_u = t3 * s_ul + d_u[None, :, :]  # (T, D2, D1)
+            o_dl = _row_offsets(t3, d_dl[None, :, :], s_dl, o_u, o_u, LAY_DL)
+            pre = tl.load(dl_row + o_dl, mask=mask_ld, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 pre = pre + bias[None, :, :]
             if SOFTPLUS:
@@ -518,12 +546,14 @@ def _scan_bwd_kernel(
             else:
                 dl = pre
             dl = tl.where(mask_ld, dl, 0.0)
-            Ct = tl.load(C_ptr + (pid_b * s_cb + t0_64 * s_cl) + off_c, mask=mask_ln,
+            Ct = tl.load(c_row + t[:, None] * s_cl + n_c[None, :], mask=mask_ln,
                          other=0.0).to(tl.float32)[:, None, :, None]  # (T, 1, N, 1)
             a = tl.exp2(dl[:, :, None, :] * A2[None, :, :, :])  # (T, D2, N, D1)
-            dy = tl.load(dout_ptr + (pid_b * s_gb + t0_64 * s_gl) + off_g, mask=mask_ld, other=0.0).to(tl.float32)
+            dy = tl.load(g_row + _row_offsets(t3, d_g[None, :, :], s_gl, o_u, o_dl, LAY_G), mask=mask_ld,
+                         other=0.0).to(tl.float32)
             if HAS_Z:
-                zv = tl.load(z_ptr + (pid_b * s_zb + t0_64 * s_zl) + off_z, mask=mask_ld, other=0.0).to(tl.float32)
+                zv = tl.load(z_row + _row_offsets(t3, d_z[None, :, :], s_zl, o_u, o_dl, LAY_Z), mask=mask_ld,
+                             other=0.0).to(tl.float32)
                 sz = tl.sigmoid(zv)
             if ADJ_ONLY:
                 if HAS_Z:
@@ -532,12 +562,12 @@ def _scan_bwd_kernel(
                 dsum += tl.sum(dl, axis=0)
             else:
                 if RECOMPUTE:
-                    h_start = tl.load(scratch_ptr + sc_off + (n_ch - 1 - i) * dstate, mask=mask_dnd, other=0.0)
+                    h_start = tl.load(sc_row + (n_ch - 1 - i) * dim * dstate + dnd, mask=mask_dnd, other=0.0)
                 else:
-                    h_start = tl.load(states_ptr + st_off + (t0 // SAVE_EVERY) * dstate, mask=mask_dnd, other=0.0)
+                    h_start = tl.load(st_row + (t0 // SAVE_EVERY) * dim * dstate + dnd, mask=mask_dnd, other=0.0)
                 # Recompute the chunk's forward: x_t and h_t (and y_t when the gate needs it).
-                u = tl.load(u_ptr + (pid_b * s_ub + t0_64 * s_ul) + off_u, mask=mask_ld, other=0.0).to(tl.float32)
-                Bt = tl.load(B_ptr + (pid_b * s_bb + t0_64 * s_bl) + off_b, mask=mask_ln,
+                u = tl.load(u_row + o_u, mask=mask_ld, other=0.0).to(tl.float32)
+                Bt = tl.load(b_row + t[:, None] * s_bl + n_b[None, :], mask=mask_ln,
                              other=0.0).to(tl.float32)[:, None, :, None]
                 du_ = (dl * u)[:, :, None, :]
                 x = Bt * du_
@@ -549,8 +579,8 @@ def _scan_bwd_kernel(
                     if HAS_D:
                         y += Dv[None, :, :] * u
                     dz = dy * y * sz * (1.0 + zv * (1.0 - sz))  # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
-                    tl.store(dz_ptr + (pid_b * s_wb + t0_64 * s_wl) + l3 * s_wl + d3 * s_wd,
-                             dz.to(dz_ptr.dtype.element_ty), mask=mask_ld)
+                    o_w = _row_offsets(t3, (offs_d * s_wd)[None, :, :], s_wl, o_u, o_dl, LAY_W)
+                    tl.store(dz_ptr + pid_b * s_wb + o_w, dz.to(dz_ptr.dtype.element_ty), mask=mask_ld)
                     dy = dy * zv * sz
                 if HAS_D:
                     dD_acc += tl.sum(dy * u, axis=0)
@@ -561,7 +591,7 @@ def _scan_bwd_kernel(
                 g, q = _adjoint_chunk(Ct * dy4, a, q, first, last, offs_l, BLOCK_L)
 
                 # (T, N), summed over this program's channels: first over the D2 groups in registers, then lanes.
-                ptr_ln = pid_b * dstate * length + offs_n[None, :] * length + (t0 + offs_l)[:, None]
+                ptr_ln = pid_b * dstate * length + offs_n[None, :] * length + t[:, None]
                 dC = tl.sum(tl.sum(hs * dy4, axis=1), axis=2)
                 dB = tl.sum(tl.sum(g * du_, axis=1), axis=2)
                 tl.atomic_add(dC_ptr + ptr_ln, dC, mask=mask_ln, sem="relaxed")
@@ -575,10 +605,10 @@ def _scan_bwd_kernel(
                     ddl = ddl * tl.sigmoid(pre)  # softplus'(x) = sigmoid(x)
                 if HAS_BIAS:
                     dbias_acc += tl.sum(tl.where(mask_ld, ddl, 0.0), axis=0)
-                tl.store(du_ptr + (pid_b * s_hb + t0_64 * s_hl) + l3 * s_hl + d3 * s_hd,
-                         du.to(du_ptr.dtype.element_ty), mask=mask_ld)
-                tl.store(ddelta_ptr + (pid_b * s_eb + t0_64 * s_el) + l3 * s_el + d3 * s_ed,
-                         ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_ld)
+                o_h = _row_offsets(t3, (offs_d * s_hd)[None, :, :], s_hl, o_u, o_dl, LAY_H)
+                tl.store(du_ptr + pid_b * s_hb + o_h, du.to(du_ptr.dtype.element_ty), mask=mask_ld)
+                o_e = _row_offsets(t3, (offs_d * s_ed)[None, :, :], s_el, o_u, o_dl, LAY_E)
+                tl.store(ddelta_ptr + pid_b * s_eb + o_e, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_ld)
         if RECOMPUTE:
             tl.debug_barrier()  # this block's scratch reads are done before the next block overwrites it
 
@@ -621,17 +651,28 @@ def _combine(A32, dsum, add, init, n_seg, reverse):
     return out
 
 
-def _check_offsets(dim: int, *tensors) -> None:
-    # In-chunk offsets are int32 (channel * channel stride); the per-chunk base is int64.
+def _layout(t, *refs) -> int:
+    """1 + the index of the first of `refs` with t's strides (the kernel then reuses its offsets), else 0."""
+    if t is not None:
+        for i, ref in enumerate(refs):
+            if ref is not None and ref.stride() == t.stride():
+                return i + 1
+    return 0
+
+
+def _check_offsets(*tensors) -> None:
+    # Offsets within a batch row are int32 in the kernels (the batch row's base is int64).
     for t in tensors:
-        if t is not None and (dim - 1) * abs(t.stride(1)) >= 2 ** 31:
-            raise ValueError(f"selective_scan_triton: a (B, D, L) tensor with {dim} channels of stride "
-                             f"{t.stride(1)} exceeds int32 offsets; split the sequence into shorter scans "
-                             "carried by initial_state")
+        span = sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:], strict=True)) if t is not None else 0
+        if span >= 2 ** 31:
+            raise ScanConfigError(
+                f"selective_scan_triton: a batch row of a {tuple(t.shape)} tensor with strides {t.stride()} spans "
+                "2^31 elements or more (the kernels' offsets are int32); scan shorter pieces and carry the state "
+                "between them with initial_state / return_last_state")
 
 
 class _SelectiveScanTritonFn(torch.autograd.Function):
-    """The fused selective scan; saves its inputs and the (B, D, ceil(L/save_every), N) fp32 checkpoints."""
+    """The fused selective scan; saves its inputs and the (B, ceil(L/save_every), D, N) fp32 checkpoints."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, fwd_cfg, bwd_cfg, plan):
@@ -645,13 +686,14 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
         h0c = h0.float().contiguous() if h0 is not None else None
         save = any(ctx.needs_input_grad)
         n_saved = triton.cdiv(length, save_every)
-        states = u.new_empty((batch, dim, n_saved if save else 0, dstate), dtype=torch.float32)
+        states = u.new_empty((batch, n_saved if save else 0, dim, dstate), dtype=torch.float32)
         out = torch.empty_like(delta, dtype=u.dtype)  # delta's layout (the mixer's: channel-last, for out_proj)
         last = u.new_empty((batch, dim, dstate), dtype=torch.float32)
         strides = (*u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)), *out.stride(),
                    *B.stride(), *C.stride())
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                     SOFTPLUS=bool(delta_softplus), SAVE_EVERY=save_every, BLOCK_D=fwd_cfg.block_d,
+                     SOFTPLUS=bool(delta_softplus), SAVE_EVERY=save_every, LAY_DL=_layout(delta, u),
+                     LAY_Z=_layout(z, u, delta), LAY_O=_layout(out, u, delta), BLOCK_D=fwd_cfg.block_d,
                      BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l, num_warps=fwd_cfg.num_warps)
         grid = (batch, triton.cdiv(dim, fwd_cfg.block_d))
         with _on_device(u):
@@ -680,7 +722,7 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
         n_seg, seg_len, save_every = ctx.plan
         batch, dim, length = u.shape
         dstate = A.shape[1]
-        _check_offsets(dim, dout)
+        _check_offsets(dout)
         A32 = A.float().contiguous()
         dlast = dlast.float().contiguous()
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
@@ -693,13 +735,15 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
         dh0 = u.new_empty((batch, dim, dstate), dtype=torch.float32) if h0 is not None else None
         sub = save_every // cfg.block_l
         recompute = sub > 1
-        scratch = u.new_empty((batch, dim, n_seg, sub if recompute else 0, dstate), dtype=torch.float32)
+        scratch = u.new_empty((batch, n_seg, sub if recompute else 0, dim, dstate), dtype=torch.float32)
         none3 = (0, 0, 0)
         strides = (*u.stride(), *delta.stride(), *(z.stride() if z is not None else none3), *dout.stride(),
                    *B.stride(), *C.stride(), *du.stride(), *ddelta.stride(),
                    *(dz.stride() if dz is not None else none3))
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                      HAS_H0=h0 is not None, SOFTPLUS=ctx.delta_softplus, SAVE_EVERY=save_every, SUB=sub,
+                     LAY_DL=_layout(delta, u), LAY_Z=_layout(z, u, delta), LAY_G=_layout(dout, u, delta),
+                     LAY_H=_layout(du, u, delta), LAY_E=_layout(ddelta, u, delta), LAY_W=_layout(dz, u, delta),
                      BLOCK_D2=cfg.d_regs, BLOCK_D1=cfg.block_d // cfg.d_regs, BLOCK_N=_block_n(dstate),
                      BLOCK_L=cfg.block_l, num_warps=cfg.num_warps)
         grid = (batch, triton.cdiv(dim, cfg.block_d))
@@ -711,13 +755,13 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
                 _scan_bwd_kernel[(*grid, n_seg - 1)](
                     u, delta, A32, B, C, D, z, delta_bias, states, None, dout,
                     du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, qloc, dsum, scratch,
-                    dim, length, dstate, n_seg, seg_len, states.shape[2], *strides,
+                    dim, length, dstate, n_seg, seg_len, states.shape[1], *strides,
                     ADJ_ONLY=True, RECOMPUTE=False, **flags)
                 qin = _combine(A32, dsum, qloc, dlast, n_seg, reverse=True)
             _scan_bwd_kernel[(*grid, n_seg)](
                 u, delta, A32, B, C, D, z, delta_bias, states, qin, dout,
                 du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, None, None, scratch,
-                dim, length, dstate, n_seg, seg_len, states.shape[2], *strides,
+                dim, length, dstate, n_seg, seg_len, states.shape[1], *strides,
                 ADJ_ONLY=False, RECOMPUTE=recompute, **flags)
         return (
             du, ddelta, dA.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
@@ -794,7 +838,7 @@ def selective_scan_triton(
     if initial_state is not None and tuple(initial_state.shape) != (batch, dim, dstate):
         raise ValueError(f"initial_state must have shape (B, D, N) = {(batch, dim, dstate)}, "
                          f"got {tuple(initial_state.shape)}")
-    _check_offsets(dim, u, delta, z)
+    _check_offsets(u, delta, z, B, C)
     default_fwd, default_bwd = default_configs(batch, dim, dstate)
     fwd_config, bwd_config = fwd_config or default_fwd, bwd_config or default_bwd
     if n_segments is None:
