@@ -226,7 +226,13 @@ def floors_ms(batch, dim, dstate, length, mode, sms, clock_hz) -> tuple[float, f
 def validate_real(shapes: str) -> list:
     """Ours (default launch, segmented where the heuristic says so, and forced into 8 segments) against the
     sequential reference at real shapes, fp32: y, the final state and every gradient (h0 included)."""
-    from moai_lib.kernels.triton_scan import default_configs, default_segments, selective_scan_triton
+    from moai_lib.kernels.triton_scan import (
+        SAVE_EVERY,
+        _plan,
+        default_configs,
+        default_segments,
+        selective_scan_triton,
+    )
 
     rows = []
     for shape in shapes.split(","):
@@ -244,10 +250,11 @@ def validate_real(shapes: str) -> list:
             return {"y": y, "last": last, **{f"d{k}": v for k, v in zip(leaves, grads, strict=True)}}
 
         ref = run(selective_scan_ref)
-        fwd, _ = default_configs(batch, dim, 16)
+        fwd, bwd = default_configs(batch, dim, 16)
         for label, kw in (("default", {}), ("8 segments", {"n_segments": 8})):
-            n_seg = kw.get("n_segments", default_segments(batch, dim, length, fwd,
-                                                          torch.cuda.get_device_properties(0).multi_processor_count))
+            requested = kw.get("n_segments", default_segments(
+                batch, dim, length, fwd, torch.cuda.get_device_properties(0).multi_processor_count))
+            n_seg = _plan(length, requested, max(SAVE_EVERY, bwd.block_l), fwd, bwd)[0]  # what actually runs
             try:
                 ours = run(selective_scan_triton, **kw)
                 errors = {k: ((ours[k].float() - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-6)).item()
@@ -267,7 +274,7 @@ def validate_real(shapes: str) -> list:
     return rows
 
 
-def seg_sweep(dim: int, dstate: int, length: int = 8192) -> list:
+def seg_sweep(dim: int, dstate: int, length: int) -> list:
     """B=1: n_segments x forward block_d (ms, forward and forward+backward), to tune `default_segments`."""
     from moai_lib.kernels.triton_scan import ScanConfig, default_configs, selective_scan_triton
 
@@ -302,7 +309,8 @@ def main() -> None:
                    "every backward chunk (the scan before segments)")
     p.add_argument("--validate-real", nargs="?", const="1x4096x2048,1x4096x1000", default=None,
                    help="first validate ours at these BxDxL shapes (fp32) against the sequential reference")
-    p.add_argument("--seg-sweep", action="store_true", help="time n_segments x block_d at B=1, L=8192")
+    p.add_argument("--seg-sweep", action="store_true", help="time n_segments x block_d at B=1, L=--seg-sweep-length")
+    p.add_argument("--seg-sweep-length", type=int, default=8192)
     p.add_argument("--budget-ms", type=float, default=1000.0, help="timing budget per measurement")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scan_gpu.json"))
     args = p.parse_args()
@@ -318,12 +326,39 @@ def main() -> None:
     clock_khz = getattr(props, "clock_rate", 0)
     clock_hz = clock_khz * 1e3 if clock_khz else ASSUMED_CLOCK_HZ
     t_start = time.time()
+    rows, sweep_rows, seg_rows, status, configs = [], [], [], {}, {}
+
+    def save() -> None:
+        """Writes what has been measured so far (called after each phase: a time-out keeps the earlier ones)."""
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        mamba_version = None
+        try:
+            mamba_version = importlib.import_module("mamba_ssm").__version__
+        except Exception:
+            pass
+        with open(args.out, "w") as f:
+            json.dump({
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "machine": {"platform": platform.platform(), "gpu": props.name, "sms": sms,
+                            "clock_hz": clock_hz, "clock_assumed": not clock_khz, "torch": torch.__version__,
+                            "triton": triton.__version__, "mamba_ssm": mamba_version,
+                            "cuda": torch.version.cuda},
+                "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+                "shape": {"batch": args.batch, "dim": args.dim, "dstate": args.dstate, "dtype": "bfloat16"},
+                "ours_configs": configs,
+                "validation": status,
+                "validation_real_shapes": real_rows,
+                "rows": rows,
+                "sweep": sweep_rows,
+                "segments_sweep": seg_rows,
+            }, f, indent=2, default=str)
+
     real_rows = validate_real(args.validate_real) if args.validate_real else []
+    save()
     if real_rows and not all(r["ok"] for r in real_rows):
         print("validation at real shapes FAILED: see above; timing anyway (rows are marked)", flush=True)
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    rows, sweep_rows, status, configs = [], [], {}, {}
     for batch in (int(b) for b in args.batch.split(",")):
         args.batch = batch
         default_fwd, default_bwd = default_configs(batch, args.dim, args.dstate)
@@ -368,7 +403,9 @@ def main() -> None:
                             torch.cuda.empty_cache()
                     print(f"{name} B={batch} L={length} {mode}: {row.get('ms', row.get('error'))}", flush=True)
                     rows.append(row)
-    seg_rows = seg_sweep(args.dim, args.dstate) if args.seg_sweep else []
+        save()
+    if args.seg_sweep:
+        seg_rows += seg_sweep(args.dim, args.dstate, args.seg_sweep_length)
 
     print(f"\nD={args.dim} N={args.dstate} bf16 on {props.name} ({sms} SMs); ours: {configs}; "
           f"HBM {HBM_BYTES_PER_S / 1e12:.0f} TB/s, exp floor at {clock_hz / 1e9:.2f} GHz\n")
@@ -393,7 +430,7 @@ def main() -> None:
             cell = f"{r['ms']:.3f}" if "ms" in r else f"error: {r['error'][:80]}"
             print(f"| {r['batch']} | {r['pass']} | {r['config']} | {'yes' if r['default'] else ''} | {cell} |")
     if seg_rows:
-        print("\nSegments sweep, B=1, L=8192 (ms fwd / fwd+bwd):\n")
+        print(f"\nSegments sweep, B=1, L={args.seg_sweep_length} (ms fwd / fwd+bwd):\n")
         print("| block_d | " + " | ".join(f"{n} seg" for n in (1, 2, 4, 8, 16, 32)) + " |")
         print("|---|" + "---|" * 6)
         for bd in (8, 32):
@@ -402,28 +439,7 @@ def main() -> None:
             print(f"| {bd} | " + " | ".join(f"{fmt(r['fwd'])} / {fmt(r['fwd+bwd'])}" for r in cells) + " |")
     print(f"\ntotal {time.time() - t_start:.0f} s")
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    mamba_version = None
-    try:
-        mamba_version = importlib.import_module("mamba_ssm").__version__
-    except Exception:
-        pass
-    with open(args.out, "w") as f:
-        json.dump({
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "gpu": props.name, "sms": sms,
-                        "clock_hz": clock_hz, "clock_assumed": not clock_khz, "torch": torch.__version__,
-                        "triton": triton.__version__, "mamba_ssm": mamba_version,
-                        "cuda": torch.version.cuda},
-            "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-            "shape": {"batch": args.batch, "dim": args.dim, "dstate": args.dstate, "dtype": "bfloat16"},
-            "ours_configs": configs,
-            "validation": status,
-            "validation_real_shapes": real_rows,
-            "rows": rows,
-            "sweep": sweep_rows,
-            "segments_sweep": seg_rows,
-        }, f, indent=2, default=str)
+    save()
     print(f"wrote {args.out}")
 
 
