@@ -275,26 +275,30 @@ def validate_real(shapes: str) -> list:
 
 
 def seg_sweep(dim: int, dstate: int, length: int) -> list:
-    """B=1: n_segments x forward block_d (ms, forward and forward+backward), to tune `default_segments`."""
-    from moai_lib.kernels.triton_scan import ScanConfig, default_configs, selective_scan_triton
+    """B=1: n_segments x launch shapes (ms, forward and forward+backward), to tune `default_segments`. 'narrow' is
+    the B=1 default (few channels per program, to have more programs), 'wide' the B=8 one (segments, not narrow
+    blocks, then supply the programs)."""
+    from moai_lib.kernels.triton_scan import default_configs, selective_scan_triton
 
-    _, bwd = default_configs(1, dim, dstate)
     rows = []
-    for block_d in (8, 32):
-        fwd = ScanConfig(block_d, 64 // min(dstate, 16))
-        for n_seg in (1, 2, 4, 8, 16, 32):
-            fn = lambda _f=fwd, _n=n_seg, **kw: selective_scan_triton(  # noqa: E731
-                **kw, fwd_config=_f, bwd_config=bwd, n_segments=_n)
-            row = {"block_d": block_d, "n_segments": n_seg, "L": length}
+    for label, batch_like in (("narrow", 1), ("wide", 8)):
+        fwd, bwd = default_configs(batch_like, dim, dstate)
+        for n_seg in SEG_SWEEP:
+            fn = lambda _f=fwd, _b=bwd, _n=n_seg, **kw: selective_scan_triton(  # noqa: E731
+                **kw, fwd_config=_f, bwd_config=_b, n_segments=_n)
+            row = {"shapes": label, "fwd": astuple(fwd), "bwd": astuple(bwd), "n_segments": n_seg, "L": length}
             for mode in ("fwd", "fwd+bwd"):
                 try:
-                    row[mode] = measure(fn, 1, dim, dstate, length, mode, warmup=2, repeats=None)
+                    row[mode + "_ms"] = measure(fn, 1, dim, dstate, length, mode, warmup=2, repeats=None)
                 except Exception as exc:
-                    row[mode] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            print(f"seg sweep B=1 L={length} block_d={block_d} n_segments={n_seg}: {row['fwd']} / {row['fwd+bwd']}",
-                  flush=True)
+                    row[mode + "_ms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            print(f"seg sweep B=1 L={length} {label} {astuple(fwd)}/{astuple(bwd)} n_segments={n_seg}: "
+                  f"{row['fwd_ms']} / {row['fwd+bwd_ms']}", flush=True)
             rows.append(row)
     return rows
+
+
+SEG_SWEEP = (1, 2, 4, 8, 16, 32)
 
 
 def main() -> None:
@@ -430,13 +434,16 @@ def main() -> None:
             cell = f"{r['ms']:.3f}" if "ms" in r else f"error: {r['error'][:80]}"
             print(f"| {r['batch']} | {r['pass']} | {r['config']} | {'yes' if r['default'] else ''} | {cell} |")
     if seg_rows:
-        print(f"\nSegments sweep, B=1, L={args.seg_sweep_length} (ms fwd / fwd+bwd):\n")
-        print("| block_d | " + " | ".join(f"{n} seg" for n in (1, 2, 4, 8, 16, 32)) + " |")
-        print("|---|" + "---|" * 6)
-        for bd in (8, 32):
-            cells = [r for r in seg_rows if r["block_d"] == bd]
-            fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "err"  # noqa: E731
-            print(f"| {bd} | " + " | ".join(f"{fmt(r['fwd'])} / {fmt(r['fwd+bwd'])}" for r in cells) + " |")
+        print(f"\nSegments sweep, B=1, L={args.seg_sweep_length} (ms fwd / fwd+bwd; narrow: the B=1 launch shapes, "
+              "wide: the B=8 ones):\n")
+        print("| shapes | " + " | ".join(f"{n} seg" for n in SEG_SWEEP) + " |")
+        print("|---|" + "---|" * len(SEG_SWEEP))
+        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "err"  # noqa: E731
+        for label in ("narrow", "wide"):
+            cells = [r for r in seg_rows if r["shapes"] == label]
+            if cells:
+                print(f"| {label} {cells[0]['fwd']}/{cells[0]['bwd']} | "
+                      + " | ".join(f"{fmt(r['fwd_ms'])} / {fmt(r['fwd+bwd_ms'])}" for r in cells) + " |")
     print(f"\ntotal {time.time() - t_start:.0f} s")
 
     save()

@@ -70,7 +70,12 @@ def _row_offsets(t, d_own, s_l, o_u, o_dl, LAY: tl.constexpr):
     return o
 
 
-@triton.jit
+# Sizes are not specialized on (Triton would compile a variant per divisibility of L, seg_len, ...); strides are,
+# so that unit strides become compile-time constants.
+_SIZES = ["dim", "length", "dstate", "n_seg", "seg_len", "n_saved"]
+
+
+@triton.jit(do_not_specialize=_SIZES)
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hin_ptr,
     out_ptr, last_ptr, states_ptr, hend_ptr, dsum_ptr,
@@ -189,7 +194,7 @@ def _scan_fwd_kernel(
         tl.store(last_ptr + (pid_b * dim + offs_d[None, :]) * dstate + offs_n[:, None], h, mask=mask_nd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dim", "dstate", "n_seg"])
 def _segment_combine_kernel(
     A_ptr, dsum_ptr, add_ptr, init_ptr, out_ptr,
     dim, dstate, n_seg,
@@ -238,7 +243,7 @@ def _adjoint_chunk(cdy, a, q, first, last, offs_l, BLOCK_L: tl.constexpr):
     return g, tl.sum(tl.where(first, a * g, -0.0), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, qin_ptr, dout_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr, qloc_ptr, dsum_ptr,
