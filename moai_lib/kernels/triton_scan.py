@@ -236,6 +236,13 @@ def _layout(t, *refs) -> int:
     return 0
 
 
+def _compact(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a contiguous copy when t is a view into a larger storage (what saving it would keep alive)."""
+    if t is None or t.untyped_storage().nbytes() <= t.numel() * t.element_size():
+        return t
+    return t.contiguous()
+
+
 def _check_offsets(*tensors) -> None:
     # Offsets within a batch row are int32 in the kernels (the batch row's base is int64).
     for t in tensors:
@@ -287,6 +294,9 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
                 dim, length, dstate, n_seg, seg_len, n_saved, *strides,
                 HAS_H0=hin is not None, LOCAL=False, SAVE_STATES=save, **flags)
         if save:
+            # A saved view pins its whole storage: the mixer's z is half of in_proj's output (B, L, 2E), so keep
+            # a compact copy instead (2 bytes per element once, where saving the view would keep 4).
+            u, delta, z = (_compact(t) for t in (u, delta, z))
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, states)
             ctx.delta_softplus, ctx.bwd_cfg, ctx.plan = bool(delta_softplus), bwd_cfg, plan
         return out, last
