@@ -108,8 +108,8 @@ def generate_text(model, tokenizer, prompts: str | Sequence[str], **sampling) ->
 def decode_logits(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
     """One token after a prefill: input_ids (B, 1) → next-token logits (B, V) fp32; advances the cache's states
     (not its `seqlen_offset`). The model's forward minus its host-side input checks (a device sync each): the
-    step `CudaGraphDecoder` captures. The LM head is called directly: `lm_head_outputs` reads `lm_head.weight`,
-    which a quantized head materialises by dequantizing (a full-size matmul's worth of work per token)."""
+    step `CudaGraphDecoder` captures. The LM head is called directly on the decoder's hidden state (no loss and
+    no logits_to_keep handling to trace)."""
     backbone = model.backbone
     hidden = backbone.decode_step(backbone.embedding(input_ids[:, 0]), cache)  # (B, d)
     logits = model.lm_head(hidden).float()  # (B, V_padded)

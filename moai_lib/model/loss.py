@@ -92,11 +92,12 @@ def lm_head_outputs(
     (padding rows of a padded vocabulary take no softmax mass); logits only if `return_logits`. Logits are fp32,
     for the last `logits_to_keep` positions (0 = all, or an index tensor), with padding rows never predicted.
     """
-    weight = lm_head.weight
+    dtype = head_dtype(lm_head, hidden_states)
     loss = logits = None
     if labels is not None:
+        weight = lm_head.weight  # the chunked loss multiplies by the (V, d) matrix itself
         loss = chunked_causal_lm_loss(
-            hidden_states.to(weight.dtype), weight[:vocab_size], labels, attention_mask,
+            hidden_states.to(dtype), weight[:vocab_size], labels, attention_mask,
             chunk_size=chunk_size, num_items_in_batch=num_items_in_batch,
         )
     if labels is None or return_logits:
@@ -104,7 +105,23 @@ def lm_head_outputs(
             kept = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
             kept = hidden_states[:, logits_to_keep]
-        logits = lm_head(kept.to(weight.dtype)).float()
-        if weight.shape[0] > vocab_size:
+        logits = lm_head(kept.to(dtype)).float()
+        if lm_head.out_features > vocab_size:
             logits[..., vocab_size:] = torch.finfo(logits.dtype).min
     return loss, logits
+
+
+def head_dtype(lm_head: torch.nn.Module, hidden_states: torch.Tensor) -> torch.dtype:
+    """The dtype the LM head takes its input in, read without touching `lm_head.weight`: on a quantized head
+    that property dequantizes the whole (V, d) matrix (and on CUDA re-expands an INT4 head whose uint8 copy was
+    released), a full-size matmul's worth of work per decoded token.
+
+    The layer's declared `compute_dtype` (bitsandbytes 4-bit), else the dtype of its first floating-point buffer
+    (a quantized layer's scales: the dtype its `weight` dequantizes to), else of its first floating-point
+    parameter (a plain Linear's weight, a quantized layer's bias), else the input's dtype.
+    """
+    dtype = getattr(lm_head, "compute_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    own = [*lm_head.buffers(recurse=False), *lm_head.parameters(recurse=False)]
+    return next((t.dtype for t in own if t.is_floating_point()), hidden_states.dtype)

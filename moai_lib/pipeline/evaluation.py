@@ -60,9 +60,9 @@ logger = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
-# A variant whose layers cannot be stored in the moai checkpoint format (bitsandbytes) is a float model
-# directory plus this file: {"method": "bnb", <fields of the method's QuantConfig>}, applied after loading.
-QUANTIZE_ON_LOAD_FILE = "quantize_on_load.json"
+# What bitsandbytes variants were before their layers were stored: a float model directory plus this file,
+# quantized at load time. Loading one would silently evaluate the float model, so it is refused.
+OLD_BNB_VARIANT_FILE = "quantize_on_load.json"
 MB = 1e6
 
 
@@ -163,8 +163,8 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
 def load_variant(model_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = "auto") -> nn.Module:
     """Load any variant directory in eval mode: a plain HF model dir or a quantized one (moai format:
-    RTN, QAT-converted, GPTQ, AWQ, FP8, FP4), plus bitsandbytes variants (a float dir with
-    `quantize_on_load.json`, quantized here after loading). `dtype="auto"` keeps the checkpoint's dtype."""
+    RTN, QAT-converted, GPTQ, AWQ, FP8, FP4, bitsandbytes NF4/FP4/INT8). `dtype="auto"` keeps the checkpoint's
+    dtype."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(model_dir)
@@ -172,33 +172,14 @@ def load_variant(model_dir: str | os.PathLike, *, device: torch.device | str = "
         raise PipelineError(f"{directory} is not a model directory (no config.json); run the stage that writes it")
     if not weight_files(directory):
         raise PipelineError(f"{directory} holds no weight files ({', '.join(WEIGHT_FILE_PATTERNS)})")
+    if (directory / OLD_BNB_VARIANT_FILE).is_file():
+        raise PipelineError(f"{directory} is a bitsandbytes variant in the old format (a float model plus "
+                            f"{OLD_BNB_VARIANT_FILE}, quantized at load time), which is no longer read; re-run "
+                            f"its quantize stage (`moai stage quantize --method {directory.name}` or `dvc repro "
+                            f"quantize@{directory.name}`), which now saves the quantized layers")
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     model.to(device)
-    on_load = directory / QUANTIZE_ON_LOAD_FILE
-    if on_load.is_file():
-        _quantize_on_load(model, on_load)
     return model.eval()
-
-
-def _quantize_on_load(model: nn.Module, path: Path) -> None:
-    """Apply the QuantConfig described in `path` (only methods without a stored format: bitsandbytes)."""
-    from ..quant import BnbConfig, quantize_
-
-    on_load_methods = {BnbConfig.method: BnbConfig}
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    method = spec.pop("method", None)
-    if method not in on_load_methods:
-        raise PipelineError(f"{path}: method {method!r} cannot be applied at load time; use one of "
-                            f"{', '.join(on_load_methods)} (other methods are saved quantized)")
-    cls = on_load_methods[method]
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(spec) - set(known))
-    if unknown:
-        raise PipelineError(f"{path}: unknown {method} setting(s) {', '.join(unknown)}; valid: {', '.join(known)}")
-    for name, value in spec.items():
-        if isinstance(known[name].default, torch.dtype) and isinstance(value, str):
-            spec[name] = getattr(torch, value.removeprefix("torch."))  # as QuantConfig.to_dict writes dtypes
-    quantize_(model, cls(**spec))
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:
@@ -235,12 +216,12 @@ def storage_metrics(model: nn.Module, model_dir: str | os.PathLike) -> dict[str,
     params (logical parameters), quantized_layers (see the module docstring).
 
     Byte counts come from the stored tensors (safetensors headers), so they describe the checkpoint whatever
-    dtype it was loaded in; .bin checkpoints and quantize-on-load variants are measured in memory."""
+    dtype it was loaded in; .bin checkpoints are measured in memory."""
     size = sum(p.stat().st_size for p in weight_files(model_dir))
     qnames = set(quantized_layer_names(model))
     n_params = logical_params(model)
     entries = safetensors_entries(model_dir)
-    if not entries or (Path(model_dir) / QUANTIZE_ON_LOAD_FILE).is_file():
+    if not entries:
         entries = {name: (t.numel() * t.element_size(), t.numel()) for name, t in _unique_tensors(model)}
     if qnames:
         weights = sum(model.get_submodule(fqn).in_features * model.get_submodule(fqn).out_features
@@ -258,8 +239,8 @@ def storage_metrics(model: nn.Module, model_dir: str | os.PathLike) -> dict[str,
 
 
 def _owned_by(name: str, modules: set[str] | list[str]) -> bool:
-    """Whether tensor `name` belongs to one of `modules` (bitsandbytes nests its statistics, e.g.
-    `...in_proj.weight.absmax`)."""
+    """Whether tensor `name` belongs to one of `modules` (a quantized layer's buffers, e.g. `...in_proj.scales` or
+    bitsandbytes' `...in_proj.weight_absmax`)."""
     parts = name.split(".")
     return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
 

@@ -43,7 +43,7 @@ from torch import nn
 from ..data.tokenizer import fsync_dir, make_temp_dir, replace_dir
 from ..quant import dequantize_compressed, export_compressed_tensors, quantized_modules
 from .errors import PipelineError
-from .evaluation import QUANTIZE_ON_LOAD_FILE, load_variant, variant_method
+from .evaluation import load_variant, variant_method
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ class ExportParams:
         description: a paragraph for the card (what this model is for); a default one is used when empty.
         format: "hf" (the moai format: loads back into moai_lib with its quantized layers) or
             "compressed-tensors" (quantized weights in the compressed-tensors format for vLLM/llm-compressor:
-            INT4/INT8 RTN, QAT, GPTQ without act-order g_idx, AWQ on in_proj/fc1 only, FP8; not FP4).
+            INT4/INT8 RTN, QAT, GPTQ without act-order g_idx, AWQ on in_proj/fc1 only, FP8; not FP4 or
+            bitsandbytes).
     """
 
     model_name: str = "moai-mamba"
@@ -146,8 +147,9 @@ class ExportParams:
         for name in quantize.methods:
             method, layers, config = quantize.method_type(name), quantize.layers(name), quantize.config(name)
             problem = fix = None
-            if method == "fp4":
-                problem, fix = "FP4 layers have no compressed-tensors layout here", "drop the variant"
+            if method in ("fp4", "bnb"):
+                kind = "FP4" if method == "fp4" else "bitsandbytes"
+                problem, fix = f"{kind} layers have no compressed-tensors layout here", "drop the variant"
             elif method == "awq" and not set(layers or ["default"]) <= CT_AWQ_LAYERS:
                 problem = ("AWQ's scales for x_proj, out_proj and fc2 are applied to their inputs at run time, "
                            "which the format cannot store")
@@ -371,16 +373,11 @@ def export_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, va
 
     `metrics` (from `evaluate_variant`) go into the model card. `tokenizer_dir`: the tokenizer to ship (e.g.
     the data directory's tokenizer/; default: the one saved in the variant directory). `root`: base of a
-    relative `params.sources` (default: the current directory). Bitsandbytes (quantize-on-load) variants are
-    refused: their layers have no stored format.
+    relative `params.sources` (default: the current directory).
     """
     from transformers import AutoTokenizer
 
     model_dir, out = Path(model_dir), Path(out_dir)
-    if (model_dir / QUANTIZE_ON_LOAD_FILE).is_file():
-        raise PipelineError(f"export: variant {variant!r} ({model_dir}) is quantized with bitsandbytes at load "
-                            "time, whose layers have no stored format; export the float model and apply its "
-                            "BnbConfig after loading")
     tok_dir = find_tokenizer(model_dir, tokenizer_dir)
     sources_text = None
     if params.sources is not None:

@@ -201,15 +201,23 @@ class QatParams:
 
 # Quantize ----------------------------------------------------------------------------------------------------
 def _method_types() -> dict[str, type]:
-    from ..quant import AWQConfig, Float8Config, FP4Config, GPTQConfig, IntWeightOnlyConfig
+    from ..quant import AWQConfig, BnbConfig, Float8Config, FP4Config, GPTQConfig, IntWeightOnlyConfig
 
-    # bitsandbytes layers are not stored in the moai checkpoint format (see quant/serialization.py), so they
-    # are applied at load time, not by a pipeline stage.
     return {"rtn": IntWeightOnlyConfig, "gptq": GPTQConfig, "awq": AWQConfig, "fp8": Float8Config,
-            "fp4": FP4Config}
+            "fp4": FP4Config, "bnb": BnbConfig}
 
 
 CALIBRATED = ("gptq", "awq")
+QUANT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(value, param: str):
+    """A dtype setting of a quantization method, written in params as its name ("bfloat16")."""
+    import torch
+
+    if value not in QUANT_DTYPES:
+        raise _fail(param, f"expected a dtype name, got {value!r}", f"valid: {', '.join(QUANT_DTYPES)}")
+    return getattr(torch, value)
 
 
 @dataclass
@@ -224,8 +232,9 @@ class CalibrationParams:
 
 @dataclass
 class QuantizeParams:
-    """methods: {name: {method: rtn|gptq|awq|fp8|fp4, layers: [...], <config fields>}}; one quantize stage and
-    one model variant per name. `method` may be left out when the name is a method (e.g. `gptq: {}`)."""
+    """methods: {name: {method: rtn|gptq|awq|fp8|fp4|bnb, layers: [...], <config fields>}}; one quantize stage
+    and one model variant per name. `method` may be left out when the name is a method (e.g. `gptq: {}`).
+    A dtype setting (bnb's compute_dtype) is written as its name: `compute_dtype: bfloat16`."""
 
     methods: dict[str, dict] = field(default_factory=dict)
     calibration: CalibrationParams = field(default_factory=CalibrationParams)
@@ -250,6 +259,11 @@ class QuantizeParams:
         if unknown:
             raise _fail(f"quantize.methods.{name}.{unknown[0]}", f"unknown setting for {self.method_type(name)}",
                         f"valid: method, layers, {', '.join(valid)}")
+        import torch
+
+        for f in dataclasses.fields(cls):
+            if isinstance(f.default, torch.dtype) and f.name in spec:
+                spec[f.name] = _dtype(spec[f.name], f"quantize.methods.{name}.{f.name}")
         try:
             return cls(**spec)
         except QuantizationError as exc:
@@ -403,8 +417,7 @@ class PipelineParams:
             if kind not in types:
                 raise _fail(f"quantize.methods.{name}.method" if "method" in (spec or {}) else
                             f"quantize.methods.{name}", f"unknown quantization method {kind!r}",
-                            f"valid methods: {', '.join(types)} (bitsandbytes is applied at load time, not "
-                            "stored)")
+                            f"valid methods: {', '.join(types)}")
             layers = quantize.layers(name)
             if layers is not None and (not isinstance(layers, list) or not layers
                                        or not all(isinstance(x, str) for x in layers)):

@@ -15,7 +15,7 @@ from eval_helpers import calibration, quantized, save_variant, tiny_model, write
 
 from moai_lib.data import PackedDataset
 from moai_lib.pipeline.errors import PipelineError
-from moai_lib.pipeline.evaluation import QUANTIZE_ON_LOAD_FILE, EvaluateParams, evaluate_variant
+from moai_lib.pipeline.evaluation import EvaluateParams, evaluate_variant
 from moai_lib.pipeline.report import comparison_rows, markdown_table, write_report
 
 FAST = EvaluateParams(max_batches=None, batch_size=32, prefill_len=16, decode_tokens=4, repeats=1, warmup=1,
@@ -133,20 +133,26 @@ def test_bits_per_weight_follow_the_stored_scale_dtype(tmp_path, data_dir):
     assert r["bits_per_weight"] == 4 + (16 + 8) / 128
 
 
-def test_bitsandbytes_variant_is_quantized_on_load(tmp_path, data_dir, results):
-    pytest.importorskip("bitsandbytes")
+def test_bitsandbytes_variant_loads_quantized(tmp_path, data_dir, results):
+    """A saved NF4 checkpoint is evaluated with its bitsandbytes layers; a variant in the old format (a float model
+    plus quantize_on_load.json) is refused, not evaluated as the float model it holds."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from moai_lib.pipeline.evaluation import load_variant
+    from moai_lib.quant import BnbConfig, quantize_
+
     base = tiny_model(PackedDataset(data_dir, "valid").vocab_size)
-    save_variant(base, tmp_path / "nf4")
-    (tmp_path / "nf4" / QUANTIZE_ON_LOAD_FILE).write_text(json.dumps({"method": "bnb", "quant_type": "nf4"}))
+    save_variant(quantize_(base, BnbConfig(quant_type="nf4")), tmp_path / "nf4")
+    assert isinstance(load_variant(tmp_path / "nf4").backbone.layers[0].mixer.in_proj, bnb.nn.Linear4bit)
     r = evaluate_variant(tmp_path / "nf4", data_dir, FAST, variant="nf4")
     assert r["method"] == "bnb" and r["quantized_layers"] == 10
     assert 4 < r["bits_per_weight"] < 5  # 4-bit codes + absmax per 64-value block (+ a 16-entry code book)
+    assert r["size_bytes"] < results["bf16"]["size_bytes"]
     assert r["ppl"] != results["bf16"]["ppl"] and r["ppl"] == pytest.approx(results["bf16"]["ppl"], rel=0.05)
-    for spec, problem in (({"method": "gptq"}, "cannot be applied at load time"),
-                          ({"method": "bnb", "bits": 4}, "unknown bnb setting")):
-        (tmp_path / "nf4" / QUANTIZE_ON_LOAD_FILE).write_text(json.dumps(spec))
-        with pytest.raises(PipelineError, match=problem):
-            evaluate_variant(tmp_path / "nf4", data_dir, FAST, variant="nf4")
+    old = save_variant(tiny_model(PackedDataset(data_dir, "valid").vocab_size), tmp_path / "old")
+    (old / "quantize_on_load.json").write_text(json.dumps({"method": "bnb", "quant_type": "nf4"}))
+    with pytest.raises(PipelineError, match=r"old format .* re-run its quantize stage \(`moai stage quantize "
+                                            r"--method old` or `dvc repro quantize@old`\)"):
+        evaluate_variant(old, data_dir, FAST, variant="old")
 
 
 def test_decode_speed_runs_the_recurrent_step(variants, monkeypatch):

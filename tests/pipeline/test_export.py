@@ -16,7 +16,6 @@ from eval_helpers import SAMPLE_DIR, calibration, quantized, save_variant, tiny_
 
 from moai_lib.data import PackedDataset
 from moai_lib.pipeline.errors import PipelineError
-from moai_lib.pipeline.evaluation import QUANTIZE_ON_LOAD_FILE
 from moai_lib.pipeline.export import AUTO_MAP, ExportParams, export_model
 from moai_lib.quant import quantized_modules
 
@@ -152,10 +151,13 @@ def test_failed_export_leaves_nothing(exported, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_bitsandbytes_variant_is_refused(tmp_path, sample_tokenizer_dir):
+def test_old_format_bitsandbytes_variant_is_refused(tmp_path, sample_tokenizer_dir):
+    """A float model plus quantize_on_load.json (what bitsandbytes variants were) is not exported as the float
+    model it holds: the error says to re-run its quantize stage."""
     variant = save_variant(tiny_model(512), tmp_path / "nf4", sample_tokenizer_dir)
-    (variant / QUANTIZE_ON_LOAD_FILE).write_text(json.dumps({"method": "bnb", "quant_type": "nf4"}))
-    with pytest.raises(PipelineError, match="bitsandbytes"):
+    (variant / "quantize_on_load.json").write_text(json.dumps({"method": "bnb", "quant_type": "nf4"}))
+    with pytest.raises(PipelineError, match=r"bitsandbytes variant in the old format .* re-run its quantize stage "
+                                            r"\(`moai stage quantize --method nf4`"):
         export_model(variant, tmp_path / "out", variant="nf4", metrics=METRICS, params=PARAMS)
     assert not (tmp_path / "out").exists()
 
@@ -207,11 +209,12 @@ def test_compressed_tensors_format_refuses_what_it_cannot_express():
                                                                                "static_groups": True},
                                  "awq": {"layers": ["in_proj", "fc1"]}})
     params.check_quantize(ok)
-    ExportParams().check_quantize(QuantizeParams(methods={"awq": {}, "fp4": {}}))  # hf expresses everything
+    ExportParams().check_quantize(QuantizeParams(methods={"awq": {}, "fp4": {}, "nf4": {"method": "bnb"}}))  # hf: all
     for methods, match in (
         ({"awq": {}}, r"variant 'awq' \(awq\): AWQ's scales .* set quantize\.methods\.awq\.layers: \[in_proj, fc1\]"),
         ({"g": {"method": "gptq", "act_order": True}}, r"variant 'g' \(gptq\).*static_groups: true"),
         ({"fp4": {"format": "mxfp4"}}, r"variant 'fp4' \(fp4\): FP4 .*drop the variant, or use export\.format: hf"),
+        ({"nf4": {"method": "bnb"}}, r"variant 'nf4' \(bnb\): bitsandbytes .*drop the variant, or use export"),
     ):
         with pytest.raises(PipelineError, match=r"export\.format: 'compressed-tensors' cannot express " + match):
             params.check_quantize(QuantizeParams(methods=methods))

@@ -58,8 +58,14 @@ def test_load_and_views(root):
 
 def test_overrides_are_yaml_typed(root):
     params = load(root, "pretrain.learning_rate=1e-3", "quantize.methods.int4.layers=[in_proj, out_proj]",
-                  "pretrain.resume=false", "quantize.methods.new8={method: rtn, bits: 8, group_size: -1}")
+                  "pretrain.resume=false", "quantize.methods.new8={method: rtn, bits: 8, group_size: -1}",
+                  "quantize.methods.nf4={method: bnb, quant_type: nf4, compute_dtype: bfloat16}")
     assert params.pretrain.learning_rate == 1e-3 and params.pretrain.resume is False
+    import torch
+
+    from moai_lib.quant import BnbConfig
+
+    assert params.quantize.config("nf4") == BnbConfig(quant_type="nf4", compute_dtype=torch.bfloat16)
     assert params.quantize.layers("int4") == ["in_proj", "out_proj"]
     assert params.quantize.config("new8").bits == 8 and "new8" in params.variants()
     assert apply_overrides({"a": {"b": 1}}, ["a.c.d=x"]) == {"a": {"b": 1, "c": {"d": "x"}}}
@@ -75,7 +81,7 @@ BAD = [
     ("missing-corpus-file", ["tokenize.corpus=data/nope.jsonl"], "tokenize.corpus", "does not exist"),
     ("corpus-glob-no-match", ["tokenize.corpus=data/*.parquet"], "tokenize.corpus", "matches no files"),
     ("unknown-method", ["quantize.methods.magic={method: magic4}"], "quantize.methods.magic.method",
-     "valid methods: rtn, gptq, awq, fp8, fp4"),
+     "valid methods: rtn, gptq, awq, fp8, fp4, bnb"),
     ("unknown-method-by-name", ["quantize.methods.hqq={}"], "quantize.methods.hqq", "valid methods"),
     ("unknown-method-setting", ["quantize.methods.gptq.groupsize=32"], "quantize.methods.gptq.groupsize",
      "valid: method, layers, bits, group_size"),
@@ -87,6 +93,10 @@ BAD = [
     ("unsupported-group-size", ["quantize.methods.gptq.group_size=48"], "quantize.methods.gptq.group_size",
      "use one of 32, 64, 128, -1"),
     ("awq-bits", ["quantize.methods.awq={bits: 8}"], "quantize.methods.awq.bits", "use bits in (4,)"),
+    ("bnb-quant-type", ["quantize.methods.q={method: bnb, quant_type: int4}"], "quantize.methods.q.quant_type",
+     "choose one of nf4, fp4, int8"),
+    ("bnb-compute-dtype", ["quantize.methods.q={method: bnb, compute_dtype: fp8}"], "quantize.methods.q.compute_dtype",
+     "valid: float32, bfloat16, float16"),
     ("layers-select-nothing", ["quantize.methods.int4.layers=[conv1d]"], "quantize.methods.int4.layers",
      "selects no linear layer"),
     ("path-escape", ["paths.models=../elsewhere"], "paths.models", "outside the run directory"),
