@@ -161,13 +161,13 @@ def test_decode_speed_runs_the_recurrent_step(variants, monkeypatch):
     from moai_lib.pipeline.evaluation import load_variant, measure_speed
 
     calls = []
-    step = MambaMixer._step
-    monkeypatch.setattr(MambaMixer, "_step", lambda self, h, cache: calls.append(h.shape) or step(self, h, cache))
+    step = MambaMixer.step  # the mixer's one-token step (the decode path calls it through decode_step)
+    monkeypatch.setattr(MambaMixer, "step", lambda self, u, cache: calls.append(u.shape) or step(self, u, cache))
     model = load_variant(variants["rtn4"])
     speed = measure_speed(model, FAST, torch.device("cpu"))
     runs = FAST.warmup + FAST.repeats
     assert len(calls) == runs * FAST.decode_tokens * model.config.num_hidden_layers
-    assert set(calls) == {torch.Size([FAST.speed_batch_size, 1, model.config.hidden_size])}
+    assert set(calls) == {torch.Size([FAST.speed_batch_size, model.config.hidden_size])}
     assert speed["decode_tok_s"] == pytest.approx(1e3 / speed["decode_ms_per_token"])
 
 
