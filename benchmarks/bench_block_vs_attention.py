@@ -12,10 +12,7 @@ B=1, bf16 weights and activations: median fwd+bwd ms (CUDA events) and the peak 
 fwd+bwd (`torch.cuda.max_memory_allocated`, weights included; the 'activations' column is the part above what
 was allocated before the step).
 
-    python benchmarks/bench_block_vs_attention.py [--lengths 512,2048,8192,32768] [--old-scan]
-
-`--old-scan` adds our block on the Triton scan before segments (MOAI_SCAN_SEGMENTS=1, MOAI_SCAN_SAVE_EVERY=4:
-unsegmented, fp32 checkpoints every 4 steps), to separate the scan's gain from the mixer's.
+    python benchmarks/bench_block_vs_attention.py [--lengths 512,2048,8192,32768]
 """
 
 from __future__ import annotations
@@ -60,31 +57,11 @@ def mamba_config(d: int, backend: str) -> MoaiMambaConfig:
                            kernel_backend=backend, residual_in_fp32=False)
 
 
-# The Triton scan before segments: unsegmented, an fp32 checkpoint every backward chunk (4 steps at N=16).
-OLD_SCAN_ENV = {"MOAI_SCAN_SEGMENTS": "1", "MOAI_SCAN_SAVE_EVERY": "4"}
-
-
-def with_env(env: dict, fn, *args):
-    """fn(*args) with `env` set (the scan reads MOAI_SCAN_* in its forward; the backward follows its plan)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return fn(*args)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def build_blocks(d: int, heads: int, head_dim: int, ms, device, old_scan: bool = False) -> dict:
+def build_blocks(d: int, heads: int, head_dim: int, ms, device) -> dict:
     torch.manual_seed(0)
     model = MoaiMambaForCausalLM(mamba_config(d, "triton")).to(device, torch.bfloat16)  # our init
     ours = model.backbone.layers[0]
     blocks = {"mamba (ours)": lambda x: ours(x)}
-    if old_scan:
-        blocks["mamba (ours, old scan)"] = lambda x: with_env(OLD_SCAN_ENV, ours, x)
     ref_model = MoaiMambaForCausalLM(mamba_config(d, "torch")).to(device, torch.bfloat16)
     ref_model.load_state_dict(model.state_dict())
     blocks["_ours on torch scan"] = lambda x: ref_model.backbone.layers[0](x)
@@ -123,8 +100,7 @@ def validate(blocks, d, device, length: int = 256) -> dict:
     # (which would otherwise dominate y and hide the branch's error under bf16 rounding) does.
     x = (1e-2 * torch.randn(1, length, d, device=device, generator=g)).to(torch.bfloat16)
     dy = torch.randn(1, length, d, device=device, generator=g).to(torch.bfloat16)
-    refs = {"mamba (ours)": "_ours on torch scan", "mamba (ours, old scan)": "_ours on torch scan",
-            "mamba-ssm": "mamba (ours)",
+    refs = {"mamba (ours)": "_ours on torch scan", "mamba-ssm": "mamba (ours)",
             "attention (SDPA)": "_attention explicit"}
     errors = {}
     for name, ref in refs.items():
@@ -144,16 +120,13 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--lengths", default="512,2048,8192,32768")
     p.add_argument("--tol", type=float, default=5e-2)
-    p.add_argument("--old-scan", action="store_true", help="also time our block on the scan before segments "
-                   "(unsegmented, checkpoints every 4 steps)")
-    p.add_argument("--budget-ms", type=float, default=1000.0, help="timing budget per measurement")
     p.add_argument("--out", default=os.path.join(RESULTS, "block_vs_attention.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     device = torch.device("cuda")
     ms = mamba_ssm_or_reason()
-    blocks = build_blocks(args.d, args.heads, args.head_dim, ms, device, args.old_scan)
+    blocks = build_blocks(args.d, args.heads, args.head_dim, ms, device)
     errors = validate(blocks, args.d, device)
     timed = [n for n in blocks if not n.startswith("_")]
     rows = []
@@ -169,7 +142,7 @@ def main() -> None:
                     fn(x).backward(dy)
                     x.grad = None
                 try:
-                    row["ms"] = time_ms(step, warmup=2, budget_ms=args.budget_ms)
+                    row["ms"] = time_ms(step, warmup=2)
                     row["peak_gib"], row["activations_gib"] = peak_gib(step)
                 except Exception as exc:  # out of memory, kernel limits
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -1,8 +1,7 @@
 """Selective scan on the GPU: our Triton kernels vs mamba-ssm's CUDA kernel vs the pure-torch paths.
 
-Question: how fast are the Triton scan's forward and forward+backward at B=8 (and B=1), D=4096, N=16, bf16,
-against the mamba-ssm anchor and against our previous unsegmented scan, and what fraction of the H200's limits do
-they reach?
+Question: how fast are the Triton scan's forward and forward+backward at B=8, D=4096, N=16, bf16, against the
+mamba-ssm anchor, and what fraction of the H200's limits do they reach?
 
 First it validates every variant it will time (and every launch shape of ours) against the sequential reference
 on a small problem, outputs and all gradients; a variant that fails validation is not timed. Then it times, with
@@ -18,11 +17,6 @@ error in its row and the run goes on.
     python benchmarks/bench_scan_gpu.py --sweep    # first times 5+5 launch shapes of ours at L=2048 and uses the
                                                    # fastest for the table (a few more minutes; at small B*D,
                                                    # e.g. --batch 1, narrower shapes)
-    python benchmarks/bench_scan_gpu.py --batch 1,8 --lengths 2048,8192,32768 --compare-old --validate-real \
-        --seg-sweep --budget-ms 300     # what benchmarks/gpu_scan.sh runs: validation at B=1, D=4096 (L=2048
-                                        # and 1000, fp32, values and all gradients vs the sequential reference);
-                                        # ours (segmented default) vs the unsegmented scan checkpointing every
-                                        # backward chunk ("old"); a sweep of n_segments x block_d at B=1, L=8K
 
 Prints a Markdown table and writes benchmarks/results/scan_gpu.json.
 """
@@ -78,16 +72,16 @@ def make_inputs(batch, dim, dstate, length, dtype, seed=0):
     )
 
 
-def scan_variants(fwd_cfg, bwd_cfg, compare_old=False):
+def scan_variants(fwd_cfg, bwd_cfg):
     """name -> fn(**inputs, delta_softplus=True) -> y, or the reason the variant is unavailable."""
     from moai_lib.kernels.triton_scan import ScanConfig, selective_scan_triton
 
     fc, bc = ScanConfig(*fwd_cfg), ScanConfig(*bwd_cfg)
-    variants = {"triton (ours)": lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc)}
-    if compare_old:  # the scan before segments: one program per channel block, a checkpoint per backward chunk
-        variants["triton old"] = lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc,
-                                                                    n_segments=1, save_every=bc.block_l)
-    variants.update({"torch chunked": selective_scan_chunked, "reference": selective_scan_ref})
+    variants = {
+        "triton (ours)": lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc),
+        "torch chunked": selective_scan_chunked,
+        "reference": selective_scan_ref,
+    }
     try:
         importlib.import_module("selective_scan_cuda")
         variants["mamba-ssm"] = importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
@@ -132,11 +126,8 @@ def validate(name, fn) -> str | None:
     return None
 
 
-BUDGET_MS = 1000.0  # --budget-ms: timing budget per measurement
-
-
 def time_ms(fn, warmup: int, repeats: int | None) -> float:
-    """Median CUDA-event time of fn() in ms. repeats=None: as many as fit in BUDGET_MS, between 3 and 50."""
+    """Median CUDA-event time of fn() in ms. repeats=None: as many as fit in ~1 s, between 3 and 50."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -150,7 +141,7 @@ def time_ms(fn, warmup: int, repeats: int | None) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
         if repeats is None and len(times) == 1:
-            n = max(3, min(50, int(BUDGET_MS / max(times[0], 1e-3))))
+            n = max(3, min(50, int(1000.0 / max(times[0], 1e-3))))
     return sorted(times)[len(times) // 2]
 
 
@@ -223,231 +214,108 @@ def floors_ms(batch, dim, dstate, length, mode, sms, clock_hz) -> tuple[float, f
     return nbytes / HBM_BYTES_PER_S * 1e3, exps / (sms * EXP_PER_CLOCK_PER_SM * clock_hz) * 1e3
 
 
-def validate_real(shapes: str) -> list:
-    """Ours (default launch, segmented where the heuristic says so, and forced into 8 segments) against the
-    sequential reference at real shapes, fp32: y, the final state and every gradient (h0 included)."""
-    from moai_lib.kernels.triton_scan import (
-        SAVE_EVERY,
-        _plan,
-        default_configs,
-        default_segments,
-        selective_scan_triton,
-    )
-
-    rows = []
-    for shape in shapes.split(","):
-        batch, dim, length = (int(v) for v in shape.split("x"))
-        inputs = make_inputs(batch, dim, 16, length, torch.float32, seed=3)
-        g = torch.Generator(device="cuda").manual_seed(4)
-        inputs["initial_state"] = torch.randn(batch, dim, 16, device="cuda", generator=g)
-        dy = torch.randn(batch, dim, length, device="cuda", generator=g)
-        dlast = torch.randn(batch, dim, 16, device="cuda", generator=g)
-
-        def run(fn, inputs=inputs, dy=dy, dlast=dlast, **kw):
-            leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-            y, last = fn(**leaves, delta_softplus=True, return_last_state=True, **kw)
-            grads = torch.autograd.grad([y, last], list(leaves.values()), [dy, dlast])
-            return {"y": y, "last": last, **{f"d{k}": v for k, v in zip(leaves, grads, strict=True)}}
-
-        ref = run(selective_scan_ref)
-        fwd, bwd = default_configs(batch, dim, 16)
-        for label, kw in (("default", {}), ("8 segments", {"n_segments": 8})):
-            requested = kw.get("n_segments", default_segments(
-                batch, dim, length, fwd, torch.cuda.get_device_properties(0).multi_processor_count))
-            n_seg = _plan(length, requested, max(SAVE_EVERY, bwd.block_l), fwd, bwd)[0]  # what actually runs
-            try:
-                ours = run(selective_scan_triton, **kw)
-                errors = {k: ((ours[k].float() - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-6)).item()
-                          for k in ref}
-                worst = max(errors, key=errors.get)
-                row = {"shape": shape, "variant": label, "n_segments": n_seg, "max_error": errors[worst],
-                       "worst": worst, "errors": errors, "ok": errors[worst] <= VALIDATION_TOL[torch.float32]}
-            except Exception as exc:
-                traceback.print_exc()
-                row = {"shape": shape, "variant": label, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            print(f"validate B,D,L={shape} {label} (n_segments {n_seg}): "
-                  f"{'ok' if row['ok'] else 'FAILED'} max scaled error {row.get('max_error', row.get('error'))} "
-                  f"({row.get('worst', '')})", flush=True)
-            rows.append(row)
-        del ref
-        torch.cuda.empty_cache()
-    return rows
-
-
-def seg_sweep(dim: int, dstate: int, length: int) -> list:
-    """B=1: n_segments x launch shapes (ms, forward and forward+backward), to tune `default_segments`. 'narrow' is
-    the B=1 default (few channels per program, to have more programs), 'wide' the B=8 one (segments, not narrow
-    blocks, then supply the programs)."""
-    from moai_lib.kernels.triton_scan import default_configs, selective_scan_triton
-
-    rows = []
-    for label, batch_like in (("narrow", 1), ("wide", 8)):
-        fwd, bwd = default_configs(batch_like, dim, dstate)
-        for n_seg in SEG_SWEEP:
-            fn = lambda _f=fwd, _b=bwd, _n=n_seg, **kw: selective_scan_triton(  # noqa: E731
-                **kw, fwd_config=_f, bwd_config=_b, n_segments=_n)
-            row = {"shapes": label, "fwd": astuple(fwd), "bwd": astuple(bwd), "n_segments": n_seg, "L": length}
-            for mode in ("fwd", "fwd+bwd"):
-                try:
-                    row[mode + "_ms"] = measure(fn, 1, dim, dstate, length, mode, warmup=2, repeats=None)
-                except Exception as exc:
-                    row[mode + "_ms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            print(f"seg sweep B=1 L={length} {label} {astuple(fwd)}/{astuple(bwd)} n_segments={n_seg}: "
-                  f"{row['fwd_ms']} / {row['fwd+bwd_ms']}", flush=True)
-            rows.append(row)
-    return rows
-
-
-SEG_SWEEP = (1, 2, 4, 8, 16, 32)
-
-
 def main() -> None:
-    global BUDGET_MS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", default="8", help="batch size, or a comma list (timed one after the other)")
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--dstate", type=int, default=16)
     p.add_argument("--lengths", default="512,2048,8192,32768")
     p.add_argument("--sweep", action="store_true", help="time alternative launch shapes of ours first")
-    p.add_argument("--compare-old", action="store_true", help="also time the unsegmented scan that checkpoints "
-                   "every backward chunk (the scan before segments)")
-    p.add_argument("--validate-real", nargs="?", const="1x4096x2048,1x4096x1000", default=None,
-                   help="first validate ours at these BxDxL shapes (fp32) against the sequential reference")
-    p.add_argument("--seg-sweep", action="store_true", help="time n_segments x block_d at B=1, L=--seg-sweep-length")
-    p.add_argument("--seg-sweep-length", type=int, default=8192)
-    p.add_argument("--budget-ms", type=float, default=1000.0, help="timing budget per measurement")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scan_gpu.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    BUDGET_MS = args.budget_ms
     import triton
 
-    from moai_lib.kernels.triton_scan import default_configs, default_segments, essential_bytes
+    from moai_lib.kernels.triton_scan import default_configs, essential_bytes
 
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
     clock_khz = getattr(props, "clock_rate", 0)
     clock_hz = clock_khz * 1e3 if clock_khz else ASSUMED_CLOCK_HZ
     t_start = time.time()
-    rows, sweep_rows, seg_rows, status, configs = [], [], [], {}, {}
+    default_fwd, default_bwd = default_configs(args.batch, args.dim, args.dstate)
+    fwd_cfg, bwd_cfg = astuple(default_fwd), astuple(default_bwd)
+    sweep_rows = []
+    if args.sweep:
+        fwd_cfg, bwd_cfg, sweep_rows = sweep(args)
 
-    def save() -> None:
-        """Writes what has been measured so far (called after each phase: a time-out keeps the earlier ones)."""
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        mamba_version = None
-        try:
-            mamba_version = importlib.import_module("mamba_ssm").__version__
-        except Exception:
-            pass
-        with open(args.out, "w") as f:
-            json.dump({
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "machine": {"platform": platform.platform(), "gpu": props.name, "sms": sms,
-                            "clock_hz": clock_hz, "clock_assumed": not clock_khz, "torch": torch.__version__,
-                            "triton": triton.__version__, "mamba_ssm": mamba_version,
-                            "cuda": torch.version.cuda},
-                "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
-                "shape": {"batch": args.batch, "dim": args.dim, "dstate": args.dstate, "dtype": "bfloat16"},
-                "ours_configs": configs,
-                "validation": status,
-                "validation_real_shapes": real_rows,
-                "rows": rows,
-                "sweep": sweep_rows,
-                "segments_sweep": seg_rows,
-            }, f, indent=2, default=str)
-
-    real_rows = validate_real(args.validate_real) if args.validate_real else []
-    save()
-    if real_rows and not all(r["ok"] for r in real_rows):
-        print("validation at real shapes FAILED: see above; timing anyway (rows are marked)", flush=True)
+    variants = scan_variants(fwd_cfg, bwd_cfg)
+    status = {}
+    for name, fn in variants.items():
+        status[name] = fn if isinstance(fn, str) else (None if name == "reference" else validate(name, fn))
+        print(f"validate {name}: {status[name] or 'ok'}", flush=True)
 
     lengths = [int(x) for x in args.lengths.split(",")]
-    for batch in (int(b) for b in args.batch.split(",")):
-        args.batch = batch
-        default_fwd, default_bwd = default_configs(batch, args.dim, args.dstate)
-        fwd_cfg, bwd_cfg = astuple(default_fwd), astuple(default_bwd)
-        if args.sweep:
-            fwd_cfg, bwd_cfg, more = sweep(args)
-            sweep_rows += [dict(r, batch=batch) for r in more]
-        configs[batch] = {"fwd": fwd_cfg, "bwd": bwd_cfg}
-        variants = scan_variants(fwd_cfg, bwd_cfg, args.compare_old)
-        for name, fn in variants.items():
-            if name not in status:  # validation does not depend on the batch of the timed shapes
-                status[name] = fn if isinstance(fn, str) else (None if name == "reference" else validate(name, fn))
-                print(f"validate {name}: {status[name] or 'ok'}", flush=True)
-        for length in lengths:
-            n_seg = default_segments(batch, args.dim, length, default_fwd, sms)
-            for name in variants:
-                for mode in ("fwd", "fwd+bwd"):
-                    if isinstance(variants[name], str):  # not importable here (mamba-ssm): no rows, see JSON
-                        continue
-                    if name == "torch chunked" and (length > 2048 or (batch > 1 and args.compare_old)):
-                        continue
-                    if name == "reference" and (length != 2048 or mode != "fwd" or batch > 1 and args.compare_old):
-                        continue
-                    hbm_floor, exp_floor = floors_ms(batch, args.dim, args.dstate, length, mode, sms, clock_hz)
-                    row = {"variant": name, "B": batch, "L": length, "pass": mode, "hbm_floor_ms": hbm_floor,
-                           "exp_floor_ms": exp_floor}
-                    if name == "triton (ours)":
-                        row["n_segments"] = n_seg
-                    if status[name] is not None:
-                        row["error"] = status[name]
-                    else:
-                        slow = name not in ("triton (ours)", "triton old", "mamba-ssm")
-                        try:
-                            ms = measure(variants[name], batch, args.dim, args.dstate, length, mode,
-                                         warmup=0 if name == "reference" else (1 if slow else 3),
-                                         repeats=1 if name == "reference" else (3 if slow else None))
-                            nbytes = essential_bytes(batch, args.dim, args.dstate, length, 2, mode != "fwd")
-                            row.update(ms=ms, gb_per_s=nbytes / ms / 1e6,
-                                       hbm_fraction=nbytes / ms / 1e-3 / HBM_BYTES_PER_S, x_exp_floor=ms / exp_floor)
-                        except Exception as exc:
-                            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                            torch.cuda.empty_cache()
-                    print(f"{name} B={batch} L={length} {mode}: {row.get('ms', row.get('error'))}", flush=True)
-                    rows.append(row)
-        save()
-    if args.seg_sweep:
-        seg_rows += seg_sweep(args.dim, args.dstate, args.seg_sweep_length)
+    rows = []
+    for length in lengths:
+        for name in ("triton (ours)", "mamba-ssm", "torch chunked", "reference"):
+            for mode in ("fwd", "fwd+bwd"):
+                if name == "torch chunked" and length > 2048:
+                    continue
+                if name == "reference" and (length != 2048 or mode != "fwd"):
+                    continue
+                hbm_floor, exp_floor = floors_ms(args.batch, args.dim, args.dstate, length, mode, sms, clock_hz)
+                row = {"variant": name, "L": length, "pass": mode, "hbm_floor_ms": hbm_floor,
+                       "exp_floor_ms": exp_floor}
+                if status[name] is not None:
+                    row["error"] = status[name]
+                else:
+                    slow = name != "triton (ours)" and name != "mamba-ssm"
+                    try:
+                        ms = measure(variants[name], args.batch, args.dim, args.dstate, length, mode,
+                                     warmup=0 if name == "reference" else (1 if slow else 3),
+                                     repeats=1 if name == "reference" else (3 if slow else None))
+                        nbytes = essential_bytes(args.batch, args.dim, args.dstate, length, 2, mode != "fwd")
+                        row.update(ms=ms, gb_per_s=nbytes / ms / 1e6, hbm_fraction=nbytes / ms / 1e-3 / HBM_BYTES_PER_S,
+                                   x_exp_floor=ms / exp_floor)
+                    except Exception as exc:
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        torch.cuda.empty_cache()
+                print(f"{name} L={length} {mode}: {row.get('ms', row.get('error'))}", flush=True)
+                rows.append(row)
 
-    print(f"\nD={args.dim} N={args.dstate} bf16 on {props.name} ({sms} SMs); ours: {configs}; "
-          f"HBM {HBM_BYTES_PER_S / 1e12:.0f} TB/s, exp floor at {clock_hz / 1e9:.2f} GHz\n")
-    print("| variant | B | L | pass | ms | vs old | vs mamba-ssm | GB/s (essential) | of HBM | x exp floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    key = lambda r: (r["B"], r["L"], r["pass"])  # noqa: E731
-    anchor = {key(r): r["ms"] for r in rows if r["variant"] == "mamba-ssm" and "ms" in r}
-    old = {key(r): r["ms"] for r in rows if r["variant"] == "triton old" and "ms" in r}
+    print(f"\nB={args.batch} D={args.dim} N={args.dstate} bf16 on {props.name} ({sms} SMs); ours: fwd {fwd_cfg}, "
+          f"bwd {bwd_cfg}; HBM {HBM_BYTES_PER_S / 1e12:.0f} TB/s, exp floor at {clock_hz / 1e9:.2f} GHz\n")
+    print("| variant | L | pass | ms | speed vs mamba-ssm | GB/s (essential) | of HBM | x exp floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    anchor = {(r["L"], r["pass"]): r["ms"] for r in rows if r["variant"] == "mamba-ssm" and "ms" in r}
     for r in rows:
-        name = r["variant"] + (f" ({r['n_segments']} seg)" if "n_segments" in r else "")
         if "ms" in r:
-            vs = lambda ref, r=r: f"{ref[key(r)] / r['ms']:.2f}x" if key(r) in ref else "-"  # noqa: E731
-            print(f"| {name} | {r['B']} | {r['L']} | {r['pass']} | {r['ms']:.3f} | {vs(old)} | {vs(anchor)} | "
-                  f"{r['gb_per_s']:.0f} | {r['hbm_fraction']:.1%} | {r['x_exp_floor']:.1f} |")
+            vs = f"{anchor[(r['L'], r['pass'])] / r['ms']:.2f}x" if (r["L"], r["pass"]) in anchor else "-"
+            print(f"| {r['variant']} | {r['L']} | {r['pass']} | {r['ms']:.3f} | {vs} | {r['gb_per_s']:.0f} | "
+                  f"{r['hbm_fraction']:.1%} | {r['x_exp_floor']:.1f} |")
         else:
-            print(f"| {name} | {r['B']} | {r['L']} | {r['pass']} | error: {r['error'][:80]} | | | | | |")
+            print(f"| {r['variant']} | {r['L']} | {r['pass']} | error: {r['error'][:80]} | | | | |")
     if sweep_rows:
         print(f"\nLaunch-shape sweep of ours at L={SWEEP_LENGTH} (fwd: forward alone; bwd: forward+backward):\n")
-        print("| B | pass | config | default | ms |")
-        print("|---|---|---|---|---|")
+        print("| pass | config | default | ms |")
+        print("|---|---|---|---|")
         for r in sweep_rows:
             cell = f"{r['ms']:.3f}" if "ms" in r else f"error: {r['error'][:80]}"
-            print(f"| {r['batch']} | {r['pass']} | {r['config']} | {'yes' if r['default'] else ''} | {cell} |")
-    if seg_rows:
-        print(f"\nSegments sweep, B=1, L={args.seg_sweep_length} (ms fwd / fwd+bwd; narrow: the B=1 launch shapes, "
-              "wide: the B=8 ones):\n")
-        print("| shapes | " + " | ".join(f"{n} seg" for n in SEG_SWEEP) + " |")
-        print("|---|" + "---|" * len(SEG_SWEEP))
-        fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else "err"  # noqa: E731
-        for label in ("narrow", "wide"):
-            cells = [r for r in seg_rows if r["shapes"] == label]
-            if cells:
-                print(f"| {label} {cells[0]['fwd']}/{cells[0]['bwd']} | "
-                      + " | ".join(f"{fmt(r['fwd_ms'])} / {fmt(r['fwd+bwd_ms'])}" for r in cells) + " |")
+            print(f"| {r['pass']} | {r['config']} | {'yes' if r['default'] else ''} | {cell} |")
     print(f"\ntotal {time.time() - t_start:.0f} s")
 
-    save()
-    print(f"wrote {args.out}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    mamba_version = None
+    try:
+        mamba_version = importlib.import_module("mamba_ssm").__version__
+    except Exception:
+        pass
+    with open(args.out, "w") as f:
+        json.dump({
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "gpu": props.name, "sms": sms,
+                        "clock_hz": clock_hz, "clock_assumed": not clock_khz, "torch": torch.__version__,
+                        "triton": triton.__version__, "mamba_ssm": mamba_version,
+                        "cuda": torch.version.cuda},
+            "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
+            "shape": {"batch": args.batch, "dim": args.dim, "dstate": args.dstate, "dtype": "bfloat16"},
+            "ours_configs": {"fwd": fwd_cfg, "bwd": bwd_cfg},
+            "validation": status,
+            "rows": rows,
+            "sweep": sweep_rows,
+        }, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -150,8 +150,7 @@ def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     return_last_state=False, initial_state=None, backend: str = "auto",
 ):
-    """Selective scan with the semantics of `reference.selective_scan_ref` (shapes documented there). Inputs may be
-    strided views (every backend reads or copies them as it needs); D and delta_bias in any float dtype."""
+    """Selective scan with the semantics of `reference.selective_scan_ref` (shapes documented there)."""
     name = resolve_backend(backend, u.device)
     if name == "reference":
         fn = reference.selective_scan_ref
@@ -168,9 +167,6 @@ def selective_scan(
                 "a scan from a cached state"
             )
         fn = _mamba_ssm_ops().selective_scan_fn
-        # mamba-ssm's CUDA kernel requires fp32 D and delta_bias (the others cast them themselves).
-        D = D.float() if D is not None else None
-        delta_bias = delta_bias.float() if delta_bias is not None else None
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
 

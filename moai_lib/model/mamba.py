@@ -141,11 +141,9 @@ class MambaMixer(nn.Module):
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias goes inside the softplus
-        # Transposed views, no copies: every scan backend reads strided inputs (Triton through their strides,
-        # returning y channel-last so that out_proj reads it as is) and casts D and delta_bias itself.
         scan = dispatch.selective_scan(
-            x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D, z,
-            delta_bias=self.dt_proj.bias, delta_softplus=True, return_last_state=cache is not None,
+            x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(), z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=cache is not None,
             initial_state=cache.ssm_states[self.layer_idx] if continuing else None,
             # mamba-ssm's scan takes no initial state: continue a cached scan with the torch path instead.
             backend="torch" if continuing and dispatch.resolve_backend(self.backend, x.device) == "mamba_ssm"

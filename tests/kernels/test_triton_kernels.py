@@ -130,10 +130,8 @@ def _scan_errors(case: str) -> dict:
     batch, dim, dstate, length, fwd, bwd, dtype, options = SCAN_CASES[case]
     inputs, grads, softplus = make_scan_inputs(batch, dim, dstate, length, getattr(torch, dtype), options)
     ref = run_scan(selective_scan_ref, inputs, grads, softplus)
-    # The unsegmented scan with a checkpoint per backward chunk (no recomputation in the backward): the path
-    # these cases were written for; test_triton_scan_chunked.py covers segments and sparser checkpoints.
-    ours = run_scan(selective_scan_triton, inputs, grads, softplus, fwd_config=ScanConfig(*fwd),
-                    bwd_config=ScanConfig(*bwd), n_segments=1, save_every=bwd[1])
+    ours = run_scan(selective_scan_triton, inputs, grads, softplus,
+                    fwd_config=ScanConfig(*fwd), bwd_config=ScanConfig(*bwd))
     return {k: scaled_error(ours[k], ref[k]) for k in ref}
 
 
