@@ -124,6 +124,30 @@ def bnb_module_classes() -> tuple[type, type]:
         def _settings(self) -> dict:
             return {"threshold": float(self.state.threshold)}
 
+        def _apply(self, fn, recurse=True):
+            """`model.to(device)` reaches this layer through `Module._apply`, which swaps the weight's data in
+            place and would leave its int8 matrix (`CB`) and row scales (`SCB`) where they were (bitsandbytes
+            moves them only in `Linear8bitLt.to` on the layer itself): rebuild the weight with both on the new
+            device, and move the matmul state's copies."""
+            weight = self.weight
+            if weight is None or weight.dtype != torch.int8:  # not quantized yet: bitsandbytes' own path
+                return super()._apply(fn, recurse)
+            # Before the first forward the statistics sit on the weight; after it, on the matmul state.
+            data = fn(weight.data)  # dtype conversions leave int8 alone; a device move moves it
+            on_weight = getattr(weight, "CB", None) is not None
+            scb = weight.SCB.to(data.device) if getattr(weight, "SCB", None) is not None else None
+            del self._parameters["weight"]
+            try:
+                super()._apply(fn, recurse)
+            finally:
+                self.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False,
+                                                CB=data if on_weight else None, SCB=scb)
+            if self.state.CB is not None:
+                self.state.CB = data  # the same int8 matrix, not a second copy
+            if self.state.SCB is not None:
+                self.state.SCB = self.state.SCB.to(data.device)
+            return self
+
     for cls in (MoaiLinear4bit, MoaiLinear8bitLt):
         cls.__module__ = __name__
         register_module_kind(cls)

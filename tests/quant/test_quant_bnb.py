@@ -33,6 +33,28 @@ def test_bnb_layers_on_cpu(quant_type):
     assert P.sqnr(x @ reference.T, model.fc1(x)) >= BNB_SQNR_DB[quant_type]
 
 
+def test_int8_layer_keeps_its_statistics_with_the_weight_when_the_model_moves():
+    """`model.to(...)` reaches the layer through Module._apply: the int8 matrix (CB) and the row scales (SCB) stay
+    with the weight (the device move itself runs on the GPU machine: tests/pipeline/test_bnb_variants.py)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(128, 64))
+    model.eval()
+    quantize_(model, BnbConfig(quant_type="int8"))
+    x = torch.randn(4, 128)
+    scales = model.fc1.weight.SCB.clone()  # before the first forward the statistics sit on the weight ...
+    model.to("cpu").to(torch.bfloat16).float()  # dtype moves leave the int8 weight and its fp32 scales alone
+    weight = model.fc1.weight
+    assert isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8 and weight.CB.data_ptr() == weight.data_ptr()
+    assert weight.SCB.dtype == torch.float32 and torch.equal(weight.SCB, scales)
+    before = model.fc1(x)  # ... after it, on the matmul state
+    assert model.fc1.state.CB is not None and torch.equal(model.fc1.state.SCB, scales)
+    model.to("cpu")
+    assert model.fc1.state.CB.data_ptr() == model.fc1.weight.data_ptr() and torch.equal(model.fc1.state.SCB, scales)
+    assert model.fc1.bias.dtype == torch.float32
+    assert torch.equal(model.fc1(x), before)
+
+
 def test_bnb_model_forward(tmp_path):
     model = tiny_model()
     ids = torch.randint(0, 512, (2, 10))
