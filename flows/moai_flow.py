@@ -15,7 +15,11 @@ Run it from the repository root (relative paths in the params file resolve again
 Params. The Config `pipeline` is the DVC params file (default `params.yaml`), parsed once at launch and
 stored with the run, so remote steps see the same values. Its optional `resources:` section sets Metaflow's
 `@resources` per step (`resources.pretrain.gpu`, `.memory`, `.cpu`, `.disk`) and the `@retry` count of the
-quantize and evaluate branches (`resources.quantize.retries`, default 1); DVC ignores it.
+quantize and evaluate branches and of pretrain and qat (`resources.<step>.retries`, default 1); DVC ignores it.
+A retried pretrain/qat task reuses its step root, so training continues from its last checkpoint (a preempted
+spot GPU loses at most `save_every` steps); on Kubernetes/Batch a retry is a new machine, so point
+$MOAI_FLOW_WORKDIR at a persistent volume for that (and `paths.checkpoints` at storage every node shares when
+`nodes` > 1).
 `resources.pretrain.nodes` (default 1) and `.processes` (per node; default: its GPUs, else 1) make pretraining
 distributed: the pretrain step runs on `nodes` machines (`@parallel`; gangs on Kubernetes and AWS Batch
 multi-node jobs) and each starts `torchrun --nnodes N --node_rank i --nproc_per_node P` of the same stage (DDP or
@@ -86,7 +90,7 @@ if os.path.dirname(sys.executable) not in os.environ.get("PATH", "").split(os.pa
 
 BASE_VARIANTS = ("bf16", "qat")  # the variants that are not quantize methods (moai_lib.pipeline.params)
 RESOURCE_DEFAULTS = {"cpu": 1, "memory": 4096, "gpu": None, "disk": None,  # Metaflow's @resources defaults
-                     "retries": 1,  # @retry of the quantize and evaluate branches (0: fail at once)
+                     "retries": 1,  # @retry of pretrain, qat, quantize and evaluate (0: fail at once)
                      "nodes": 1, "processes": None}  # pretrain: machines, and torchrun processes per machine
 # The first components of the default output paths (moai_lib.pipeline.params.DEFAULT_PATHS) and of `paths:` are
 # never linked from the launch directory into a step root: a stage must not write through a link into it.
@@ -321,6 +325,7 @@ class MoaiPipelineFlow(FlowSpec):
                memory=config_expr("_resource(pipeline, 'pretrain', 'memory')"),
                gpu=config_expr("_resource(pipeline, 'pretrain', 'gpu')"),
                disk=config_expr("_resource(pipeline, 'pretrain', 'disk')"))
+    @retry(times=config_expr("_resource(pipeline, 'pretrain', 'retries')"), minutes_between_retries=0)
     @parallel
     @step
     def pretrain(self):
@@ -352,6 +357,7 @@ class MoaiPipelineFlow(FlowSpec):
                memory=config_expr("_resource(pipeline, 'qat', 'memory')"),
                gpu=config_expr("_resource(pipeline, 'qat', 'gpu')"),
                disk=config_expr("_resource(pipeline, 'qat', 'disk')"))
+    @retry(times=config_expr("_resource(pipeline, 'qat', 'retries')"), minutes_between_retries=0)
     @step
     def qat(self):
         """Quantization-aware training from the pretrained model, then conversion to packed INT4."""
