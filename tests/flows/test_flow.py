@@ -241,3 +241,57 @@ def test_the_flow_moves_its_data_through_an_s3_datastore(tmp_path):
         assert not (tmp_path / "metaflow" / ".metaflow" / "MoaiPipelineFlow" / "data").exists()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_preempted_pretrain_step_is_retried_and_resumes_from_its_checkpoint(tmp_path):
+    """Spot preemption: SIGTERM to the pretrain task once it has a checkpoint. The training loop saves one and
+    stops, the stage fails, Metaflow's @retry runs the task again in the same step root, and training resumes
+    from the checkpoint instead of starting over."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    work, params, _ = _launch_dir(tmp_path, {"int4": METHODS["int4"]})
+    params["pretrain"].update(max_steps=120, save_every=4)
+    params["tracking"] = {"enabled": False}
+    params["resources"]["pretrain"] = {"retries": 1}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    env = _env(tmp_path)
+    flow = subprocess.Popen([sys.executable, str(FLOW), "--no-pylint", "run", "--max-workers", "2"], cwd=work,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, sent = time.monotonic() + 900, False
+        while not sent and time.monotonic() < deadline and flow.poll() is None:
+            if list((tmp_path / "steps").glob("moai-flow/*/*/pretrain-*/outputs/checkpoints/pretrain/checkpoints/"
+                                                "step-*")):
+                for proc in Path("/proc").iterdir():  # the pretrain task: `moai_flow.py ... step pretrain ...`
+                    try:
+                        cmd = (proc / "cmdline").read_bytes().split(b"\0")
+                    except OSError:
+                        continue
+                    if str(FLOW).encode() in cmd and b"step" in cmd and b"pretrain" in cmd:
+                        os.kill(int(proc.name), signal.SIGTERM)
+                        sent = True
+            time.sleep(0.2)
+        out, _ = flow.communicate(timeout=1800)
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    assert sent, "the pretrain task never wrote a checkpoint"
+    assert flow.returncode == 0, out[-5000:]
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        from metaflow import Flow, metadata, namespace
+
+        namespace(None)
+        metadata(f"local@{tmp_path / 'metaflow'}")
+        run = Flow("MoaiPipelineFlow").latest_run
+        assert run.successful
+        task = run["pretrain"].task
+        assert task.current_attempt == 1  # the second attempt finished the step
+        metrics = run["pretrain_join"].task.data.metrics
+        assert metrics["completed"] and metrics["step"] == 120 and metrics["resumed_from_step"] >= 4
