@@ -9,3 +9,13 @@ builtin base (`ValueError` for bad values, `RuntimeError` for an unavailable res
 
 class MoaiError(Exception):
     """Bad input or an unusable environment, explained in the message (what is wrong, and how to fix it)."""
+
+
+def check_integer(value, label: str, minimum: int, error: type[MoaiError], *, optional: bool = False,
+                  none_word: str = "None") -> None:
+    """Raise `error` unless `value` is an int (not a bool) ≥ `minimum`, or None when `optional`; the message names
+    `label` and what it must be."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise error(f"{label} must be an integer ≥ {minimum}{f' or {none_word}' if optional else ''}, got {value!r}")

@@ -51,6 +51,7 @@ from torch import nn
 
 from ..data.corpus import DataError
 from ..data.shards import PackedDataset
+from ..errors import check_integer
 from ..quant import DEFAULT_QUANTIZED_LAYERS
 from ..train.evaluate import evaluate
 from .errors import PipelineError
@@ -101,12 +102,8 @@ class EvaluateParams:
 
     def __post_init__(self):
         def integer(name: str, minimum: int, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise PipelineError(f"evaluate.{name} must be an integer ≥ {minimum}"
-                                    f"{' or null' if optional else ''}, got {value!r}")
+            check_integer(getattr(self, name), f"evaluate.{name}", minimum, PipelineError, optional=optional,
+                          none_word="null")
 
         integer("max_batches", 1, optional=True)
         integer("batch_size", 1)

@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..errors import MoaiError
+from ..errors import MoaiError, check_integer
 
 
 class TrainConfigError(MoaiError, ValueError):
@@ -99,12 +99,7 @@ class TrainParams:
 
     def __post_init__(self):
         def integer(name: str, minimum: int, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise TrainConfigError(f"{name} must be an integer ≥ {minimum}{' or None' if optional else ''}, "
-                                       f"got {value!r}")
+            check_integer(getattr(self, name), name, minimum, TrainConfigError, optional=optional)
 
         def number(name: str, low: float, high: float = math.inf, low_open: bool = False,
                    optional: bool = False) -> None:
