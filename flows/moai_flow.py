@@ -25,7 +25,8 @@ distributed: the pretrain step runs on `nodes` machines (`@parallel`; gangs on K
 multi-node jobs) and each starts `torchrun --nnodes N --node_rank i --nproc_per_node P` of the same stage (DDP or
 FSDP2 per `pretrain.distributed`); rank 0 on node 0 writes the model, its MLflow run is the step's. With one
 node and one process the stage runs in the step's own process. Resuming a multi-node run after a failure needs
-`paths.checkpoints` on storage every node shares (the train loop refuses ranks that see different checkpoints). `--overrides` takes
+`paths.checkpoints` on storage every node shares (the train loop refuses ranks that see different checkpoints).
+`--overrides` takes
 "a.b=value" items separated by ";" (as `moai stage -S`); they change the stages, not `@resources`.
 
 Data between steps. Every step works in its own fresh directory (the step root, under $MOAI_FLOW_WORKDIR or

@@ -45,7 +45,8 @@ def test_int8_layer_keeps_its_statistics_with_the_weight_when_the_model_moves():
     scales = model.fc1.weight.SCB.clone()  # before the first forward the statistics sit on the weight ...
     model.to("cpu").to(torch.bfloat16).float()  # dtype moves leave the int8 weight and its fp32 scales alone
     weight = model.fc1.weight
-    assert isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8 and weight.CB.data_ptr() == weight.data_ptr()
+    assert isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8
+    assert weight.CB.data_ptr() == weight.data_ptr()
     assert weight.SCB.dtype == torch.float32 and torch.equal(weight.SCB, scales)
     before = model.fc1(x)  # ... after it, on the matmul state
     assert model.fc1.state.CB is not None and torch.equal(model.fc1.state.SCB, scales)
