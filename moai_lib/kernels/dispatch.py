@@ -7,9 +7,9 @@ Backends:
   C++ compiler on first use and cached. Available when that build succeeds.
 - ``mamba_ssm``: state-spaces/mamba's CUDA kernels, when the optional package is installed with them.
 - ``triton``: our Triton kernels (`triton_scan.py`: fused scan forward/backward; `triton_decode.py`: decode
-  steps). Available when `import triton` works and the tensors are on a CUDA GPU, or on the CPU with
-  ``TRITON_INTERPRET=1`` set before triton is first imported (Triton's interpreter: slow, for tests).
-  The full-sequence causal conv stays on torch's conv (already fast on every device).
+  steps; `triton_conv.py`: the full-sequence causal conv, forward and backward). Available when `import
+  triton` works and the tensors are on a CUDA GPU, or on the CPU with ``TRITON_INTERPRET=1`` set before
+  triton is first imported (Triton's interpreter: slow, for tests).
 - ``auto``: the fastest available for the tensors' device: on CUDA ``triton``, then ``mamba_ssm``, then
   ``torch`` with a warning (once); on the CPU ``cpu``, else ``torch`` with a warning (once); on other devices
   ``torch``.
@@ -188,8 +188,16 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
 def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation=None,
                   backend: str = "auto"):
-    """Depthwise causal conv1d (B, D, L). The torch conv is already fast on every device."""
-    resolve_backend(backend, x.device)
+    """Depthwise causal conv1d (B, D, L), shapes as `reference.causal_conv1d_ref`. Backend ``triton``: the Triton
+    kernels (`triton_conv.py`; x of any strides, the output a (B, D, L) view of (B, L, D) memory) for widths up
+    to `triton_conv.MAX_WIDTH`; every other backend, and wider kernels, use torch's conv."""
+    if resolve_backend(backend, x.device) == "triton":
+        from .triton_conv import MAX_WIDTH, causal_conv1d_triton
+
+        if weight.shape[-1] <= MAX_WIDTH:
+            return causal_conv1d_triton(x, weight, bias, initial_states, return_final_states, activation)
+        _warn_once(f"the Triton causal conv supports widths up to {MAX_WIDTH}, got {weight.shape[-1]}: "
+                   "using torch's conv")
     return reference.causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, activation)
 
 

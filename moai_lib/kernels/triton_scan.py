@@ -191,11 +191,14 @@ def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, last_ptr, states_ptr,
     dim, length, dstate, n_chunks, n_saved,
+    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
+    sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # u, delta, z, out: (B, D, L) contiguous; A: (D, N); B, C: (B, N, L); D, bias: (D,); h0, last: (B, D, N);
+    # u, delta, z, out: (B, D, L) with strides s*_b, s*_d, s*_l (channels-last: s*_d = 1); A: (D, N) contiguous;
+    # B, C: (B, N, L) with strides s*_b, s*_n, s*_l; D, bias: (D,); h0, last: (B, D, N) contiguous;
     # states: (B, D, n_saved, N), the state entering every SAVE_EVERY-step chunk of the backward.
     # Tiles are (T, N, BD): time, state, channel (see "Register layout" in the module docstring).
     pid_b = tl.program_id(0).to(tl.int64)
@@ -212,8 +215,10 @@ def _scan_fwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    row = pid_b * dim * length + offs_d.to(tl.int64) * length  # (BD,) start of each channel's row
-    row_bn = pid_b * dstate * length + offs_n * length  # (N,) rows of B and C
+    d64 = offs_d.to(tl.int64)
+    u_row, dl_row = pid_b * su_b + d64 * su_d, pid_b * sdl_b + d64 * sdl_d  # (BD,) start of each channel's row
+    z_row, o_row = pid_b * sz_b + d64 * sz_d, pid_b * so_b + d64 * so_d
+    B_row, C_row = pid_b * sB_b + offs_n * sB_n, pid_b * sC_b + offs_n * sC_n  # (N,) rows of B and C
     nd_off = (pid_b * dim + offs_d[None, :]) * dstate + offs_n[:, None]  # (N, BD) into (B, D, N)
     st_off = (pid_b * dim + offs_d[None, :]) * n_saved * dstate + offs_n[:, None]  # (N, BD) into states
     first = offs_l[:, None, None] == 0
@@ -236,16 +241,16 @@ def _scan_fwd_kernel(
             else:
                 tl.store(states_ptr + st_off + (c * (BLOCK_L // SAVE_EVERY)) * dstate, h, mask=mask_nd)
 
-        ptr_ld = row[None, :] + t[:, None]  # (T, BD)
-        u = tl.load(u_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
-        dl = tl.load(delta_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+        t64 = t.to(tl.int64)[:, None]
+        u = tl.load(u_ptr + u_row[None, :] + t64 * su_l, mask=mask_ld, other=0.0).to(tl.float32)  # (T, BD)
+        dl = tl.load(delta_ptr + dl_row[None, :] + t64 * sdl_l, mask=mask_ld, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dl = dl + bias[None, :]
         if SOFTPLUS:
             dl = _softplus(dl)
         dl = tl.where(mask_ld, dl, 0.0)  # padded steps: a = 1, x = 0, the state passes through
-        Bt = tl.load(B_ptr + row_bn[None, :] + t[:, None], mask=mask_ln, other=0.0).to(tl.float32)  # (T, N)
-        Ct = tl.load(C_ptr + row_bn[None, :] + t[:, None], mask=mask_ln, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + B_row[None, :] + t64 * sB_l, mask=mask_ln, other=0.0).to(tl.float32)  # (T, N)
+        Ct = tl.load(C_ptr + C_row[None, :] + t64 * sC_l, mask=mask_ln, other=0.0).to(tl.float32)
 
         a = tl.exp2(dl[:, None, :] * A2[None, :, :])  # (T, N, BD)
         x = Bt[:, :, None] * (dl * u)[:, None, :]
@@ -257,9 +262,9 @@ def _scan_fwd_kernel(
         if HAS_D:
             y += Dv[None, :] * u
         if HAS_Z:
-            zv = tl.load(z_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+            zv = tl.load(z_ptr + z_row[None, :] + t64 * sz_l, mask=mask_ld, other=0.0).to(tl.float32)
             y *= zv * tl.sigmoid(zv)
-        tl.store(out_ptr + ptr_ld, y.to(out_ptr.dtype.element_ty), mask=mask_ld)
+        tl.store(out_ptr + o_row[None, :] + t64 * so_l, y.to(out_ptr.dtype.element_ty), mask=mask_ld)
 
         if SAVE_STATES:
             if SAVE_EVERY < BLOCK_L:
@@ -277,12 +282,16 @@ def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
     dim, length, dstate, n_chunks,
+    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
+    sdu_b, sdu_d, sdu_l, sddl_b, sddl_d, sddl_l, sdz_b, sdz_d, sdz_l,
+    sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdB_b, sdB_n, sdB_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Inputs as in the forward; states: (B, D, n_chunks, N); dout: (B, D, L); dlast: (B, D, N).
-    # Outputs: du, ddelta, dz (B, D, L) in the inputs' dtypes; dB, dC (B, N, L) fp32, accumulated atomically;
+    # Inputs as in the forward; states: (B, D, n_chunks, N); dout: (B, D, L) with strides sg_*; dlast: (B, D, N).
+    # Outputs: du, ddelta, dz (B, D, L) in the inputs' dtypes, strides sdu_*, sddl_*, sdz_*; dB, dC (B, N, L)
+    # fp32, both with strides sdB_*, accumulated atomically;
     # dA (B, D, N), dD and dbias (B, D) fp32 per batch row; dh0 (B, D, N) fp32.
     # Tiles are (T, D2, N, D1): the program's BLOCK_D2 * BLOCK_D1 channels are split into D2 groups held in
     # registers and D1 channels along the lanes (see "Register layout" in the module docstring).
@@ -302,8 +311,12 @@ def _scan_bwd_kernel(
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    row = pid_b * dim * length + offs_d.to(tl.int64) * length  # (D2, D1)
-    row_bn = pid_b * dstate * length + offs_n * length
+    d64 = offs_d.to(tl.int64)  # (D2, D1): start of each channel's row in every (B, D, L) tensor
+    u_row, dl_row, z_row = pid_b * su_b + d64 * su_d, pid_b * sdl_b + d64 * sdl_d, pid_b * sz_b + d64 * sz_d
+    g_row, du_row = pid_b * sg_b + d64 * sg_d, pid_b * sdu_b + d64 * sdu_d
+    ddl_row, dz_row = pid_b * sddl_b + d64 * sddl_d, pid_b * sdz_b + d64 * sdz_d
+    B_row, C_row = pid_b * sB_b + offs_n * sB_n, pid_b * sC_b + offs_n * sC_n  # (N,)
+    dBC_row = pid_b * sdB_b + offs_n * sdB_n
     bdn_off = pid_b * dim * dstate + dnd  # (D2, N, D1) into (B, D, N)
     st_off = (pid_b * dim + offs_d[:, None, :]) * n_chunks * dstate + offs_n[None, :, None]
     first = offs_l[:, None, None, None] == 0
@@ -321,12 +334,12 @@ def _scan_bwd_kernel(
         mask_l = t < length
         mask_ld = mask_l[:, None, None] & mask_d[None, :, :]  # (T, D2, D1)
         mask_ln = mask_l[:, None] & mask_n[None, :]  # (T, N)
-        ptr_ld = row[None, :, :] + t[:, None, None]
+        t64 = t.to(tl.int64)[:, None, None]  # (T, 1, 1)
         h_start = tl.load(states_ptr + st_off + c * dstate, mask=mask_dnd, other=0.0)
 
         # Recompute the chunk's forward: a_t, x_t, h_t (and y_t when the gate needs it).
-        u = tl.load(u_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)  # (T, D2, D1)
-        pre = tl.load(delta_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + u_row[None, :, :] + t64 * su_l, mask=mask_ld, other=0.0).to(tl.float32)  # (T, D2, D1)
+        pre = tl.load(delta_ptr + dl_row[None, :, :] + t64 * sdl_l, mask=mask_ld, other=0.0).to(tl.float32)
         if HAS_BIAS:
             pre = pre + bias[None, :, :]
         if SOFTPLUS:
@@ -334,9 +347,9 @@ def _scan_bwd_kernel(
         else:
             dl = pre
         dl = tl.where(mask_ld, dl, 0.0)
-        ptr_ln = row_bn[None, :] + t[:, None]
-        Bt = tl.load(B_ptr + ptr_ln, mask=mask_ln, other=0.0).to(tl.float32)[:, None, :, None]  # (T, 1, N, 1)
-        Ct = tl.load(C_ptr + ptr_ln, mask=mask_ln, other=0.0).to(tl.float32)[:, None, :, None]
+        tn64 = t.to(tl.int64)[:, None]  # (T, 1)
+        Bt = tl.load(B_ptr + B_row[None, :] + tn64 * sB_l, mask=mask_ln, other=0.0).to(tl.float32)[:, None, :, None]
+        Ct = tl.load(C_ptr + C_row[None, :] + tn64 * sC_l, mask=mask_ln, other=0.0).to(tl.float32)[:, None, :, None]
         a = tl.exp2(dl[:, :, None, :] * A2[None, :, :, :])  # (T, D2, N, D1)
         du_ = (dl * u)[:, :, None, :]
         x = Bt * du_
@@ -344,15 +357,15 @@ def _scan_bwd_kernel(
                                     combine_fn=_affine_combine)
 
         # dy: gradient w.r.t. the scan output sum_n C h (before the D skip and the gate).
-        dy = tl.load(dout_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+        dy = tl.load(dout_ptr + g_row[None, :, :] + t64 * sg_l, mask=mask_ld, other=0.0).to(tl.float32)
         if HAS_Z:
-            zv = tl.load(z_ptr + ptr_ld, mask=mask_ld, other=0.0).to(tl.float32)
+            zv = tl.load(z_ptr + z_row[None, :, :] + t64 * sz_l, mask=mask_ld, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zv)
             y = tl.sum(hs * Ct, axis=2)
             if HAS_D:
                 y += Dv[None, :, :] * u
             dz = dy * y * sz * (1.0 + zv * (1.0 - sz))  # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
-            tl.store(dz_ptr + ptr_ld, dz.to(dz_ptr.dtype.element_ty), mask=mask_ld)
+            tl.store(dz_ptr + dz_row[None, :, :] + t64 * sdz_l, dz.to(dz_ptr.dtype.element_ty), mask=mask_ld)
             dy = dy * zv * sz
         if HAS_D:
             dD_acc += tl.sum(dy * u, axis=0)
@@ -373,8 +386,9 @@ def _scan_bwd_kernel(
         # (T, N), summed over this program's channels: first over the D2 groups in registers, then over lanes.
         dC = tl.sum(tl.sum(hs * dy4, axis=1), axis=2)
         dB = tl.sum(tl.sum(g * du_, axis=1), axis=2)
-        tl.atomic_add(dC_ptr + ptr_ln, dC, mask=mask_ln, sem="relaxed")
-        tl.atomic_add(dB_ptr + ptr_ln, dB, mask=mask_ln, sem="relaxed")
+        ptr_dbc = dBC_row[None, :] + tn64 * sdB_l
+        tl.atomic_add(dC_ptr + ptr_dbc, dC, mask=mask_ln, sem="relaxed")
+        tl.atomic_add(dB_ptr + ptr_dbc, dB, mask=mask_ln, sem="relaxed")
         s = g * (hs - x)  # g_t a_t h_{t-1}: the gradient w.r.t. delta_t * A (padded steps: times delta = 0)
         dA_acc += tl.sum(s * dl[:, :, None, :], axis=0)
         gdu = tl.sum(g * Bt, axis=2)  # dL/d(delta_t u_t), (T, D2, D1)
@@ -384,8 +398,8 @@ def _scan_bwd_kernel(
             ddl = ddl * tl.sigmoid(pre)  # softplus'(x) = sigmoid(x)
         if HAS_BIAS:
             dbias_acc += tl.sum(tl.where(mask_ld, ddl, 0.0), axis=0)
-        tl.store(du_ptr + ptr_ld, du.to(du_ptr.dtype.element_ty), mask=mask_ld)
-        tl.store(ddelta_ptr + ptr_ld, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_ld)
+        tl.store(du_ptr + du_row[None, :, :] + t64 * sdu_l, du.to(du_ptr.dtype.element_ty), mask=mask_ld)
+        tl.store(ddelta_ptr + ddl_row[None, :, :] + t64 * sddl_l, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_ld)
 
     tl.store(dA_ptr + bdn_off, dA_acc, mask=mask_dnd)
     bd_off = pid_b * dim + offs_d
@@ -410,27 +424,55 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether a (B, D, L) tensor steps faster along D than along L (a (B, L, D) tensor viewed transposed)."""
+    return t.stride(1) < t.stride(2)
+
+
+def empty_in_layout(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A dense tensor of t's (B, X, L) shape whose memory is laid out in t's order: (B, L, X) memory viewed as
+    (B, X, L) when t is channels-last, else contiguous. A gradient in its input's layout is what autograd
+    scatters back into the producer (e.g. dz into in_proj's (B, L, 2E) output gradient) without a transpose."""
+    batch, dim, length = t.shape
+    dtype = dtype or t.dtype
+    if _channels_last(t):
+        return t.new_empty((batch, length, dim), dtype=dtype).transpose(1, 2)
+    return t.new_empty((batch, dim, length), dtype=dtype)
+
+
+def _zeros_in_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return empty_in_layout(t, dtype).zero_()
+
+
+def _strides(*tensors) -> list[int]:
+    """(batch, channel or state, time) strides of each (B, X, L) tensor, flattened; 0s for None."""
+    return [s for t in tensors for s in (t.stride() if t is not None else (0, 0, 0))]
+
+
 class _SelectiveScanTritonFn(torch.autograd.Function):
-    """The fused selective scan; saves only its inputs and the (B, D, ceil(L/T_bwd), N) chunk states."""
+    """The fused selective scan; saves only its inputs and the (B, D, ceil(L/T_bwd), N) chunk states.
+
+    u, delta, z, B, C may have any strides (channels-last views in the model: no copies); the output and every
+    (B, X, L) gradient is dense in the layout of its input (`empty_in_layout`)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, fwd_cfg, bwd_cfg):
         # u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,); h0: (B, D, N) or None.
         batch, dim, length = u.shape
         dstate = A.shape[1]
-        u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
-        z, D, delta_bias = (t.contiguous() if t is not None else None for t in (z, D, delta_bias))
+        D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
         A32 = A.float().contiguous()
         save = any(ctx.needs_input_grad)
         n_saved = triton.cdiv(length, bwd_cfg.block_l)
         states = u.new_empty((batch, dim, n_saved if save else 0, dstate), dtype=torch.float32)
-        out = torch.empty_like(u)
+        out = empty_in_layout(u)
         last = u.new_empty((batch, dim, dstate), dtype=torch.float32)
         h0c = h0.contiguous() if h0 is not None else None
         with _on_device(u):
             _scan_fwd_kernel[_grid(batch, dim, fwd_cfg)](
                 u, delta, A32, B, C, D, z, delta_bias, h0c, out, last, states,
                 dim, length, dstate, triton.cdiv(length, fwd_cfg.block_l), n_saved,
+                *_strides(u, delta, z, out, B, C),
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
                 SOFTPLUS=bool(delta_softplus), SAVE_STATES=save, SAVE_EVERY=bwd_cfg.block_l,
                 BLOCK_D=fwd_cfg.block_d, BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l,
@@ -447,12 +489,11 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
         cfg = ctx.bwd_cfg
         batch, dim, length = u.shape
         dstate = A.shape[1]
-        dout = dout.contiguous()
         dlast = dlast.float().contiguous()
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dB = torch.zeros(B.shape, dtype=torch.float32, device=u.device)
-        dC = torch.zeros(C.shape, dtype=torch.float32, device=u.device)
+        du, ddelta = empty_in_layout(u), empty_in_layout(delta)
+        dz = empty_in_layout(z) if z is not None else None
+        # dB and dC share one layout (strides) in the kernel: B's.
+        dB, dC = _zeros_in_layout(B, torch.float32), _zeros_in_layout(B, torch.float32)
         dA = u.new_empty((batch, dim, dstate), dtype=torch.float32)
         dD = u.new_empty((batch, dim), dtype=torch.float32) if D is not None else None
         dbias = u.new_empty((batch, dim), dtype=torch.float32) if delta_bias is not None else None
@@ -462,6 +503,7 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
                 u, delta, A.float().contiguous(), B, C, D, z, delta_bias, states, dout, dlast,
                 du, ddelta, dA, dB, dC, dD, dz, dbias, dh0,
                 dim, length, dstate, triton.cdiv(length, cfg.block_l),
+                *_strides(u, delta, z, dout, du, ddelta, dz, B, C, dB),
                 HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
                 SOFTPLUS=ctx.delta_softplus, BLOCK_D2=cfg.d_regs, BLOCK_D1=cfg.block_d // cfg.d_regs,
                 BLOCK_N=_block_n(dstate), BLOCK_L=cfg.block_l, num_warps=cfg.num_warps,
@@ -494,7 +536,11 @@ def selective_scan_triton(
     """Selective scan with exactly the semantics of `reference.selective_scan_ref`, as Triton kernels.
 
     u, delta, z: (B, D, L); A: (D, N) real; B, C: (B, N, L); D, delta_bias: (D,); initial_state: (B, D, N).
-    Returns y (B, D, L) in u's dtype and, if `return_last_state`, the final state (B, D, N) fp32.
+    u, delta, z, B, C may have any strides: channels-last views ((B, L, D) memory viewed as (B, D, L), e.g.
+    `x.transpose(1, 2)`, or B/C as column slices of x_proj's (B, L, R + 2N) output) are read in place.
+    Returns y (B, D, L) in u's dtype, dense in u's layout (channels-last u: y is a (B, L, D) tensor viewed
+    transposed), and, if `return_last_state`, the final state (B, D, N) fp32. Gradients come back in the layout
+    of their inputs.
     Differentiable w.r.t. every tensor argument. `fwd_config` / `bwd_config` only trade speed
     (defaults: `default_configs`). Tensors must be on a CUDA GPU, or on the CPU with
     TRITON_INTERPRET=1 set before triton was first imported.

@@ -122,39 +122,48 @@ class MambaMixer(nn.Module):
             return self._step(hidden_states, cache)
         if attention_mask is not None:
             hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2E, L)
-        x, z = xz.chunk(2, dim=1)  # (B, E, L) each
+        backend = _resolved_backend(self.backend, hidden_states.device)
+        # Channels-last: x, z, Δ, B, C and y are (B, ·, L) views of (B, L, ·) memory. The Triton conv and scan read
+        # such views in place and return outputs and gradients in that layout, so x_proj and out_proj consume them
+        # without transposed copies (benchmarks/BENCHMARKS.md §3: ~31% of a training step was such copies).
+        xz = self.in_proj(hidden_states)  # (B, L, 2E)
+        x, z = (t.transpose(1, 2) for t in xz.chunk(2, dim=-1))  # (B, E, L) views
         A = -torch.exp(self.A_log.float())  # (E, N)
         continuing = cache is not None and cache.seqlen_offset > 0
         conv_out = dispatch.causal_conv1d(
             x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
             initial_states=cache.conv_states[self.layer_idx] if continuing else None,
-            return_final_states=cache is not None, activation="silu", backend=self.backend,
+            return_final_states=cache is not None, activation="silu", backend=backend,
         )
         if cache is not None:
             x, conv_state = conv_out
             cache.conv_states[self.layer_idx].copy_(conv_state)
         else:
-            x = conv_out
+            x = conv_out  # (B, E, L); channels-last from the Triton conv, contiguous from torch's
         if attention_mask is not None:
             x = x * attention_mask[:, None, :].to(x.dtype)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, E, L); bias goes inside the softplus
+        B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, N, L) views of x_dbl's columns
+        if backend != "triton":  # the other scans read B and C as contiguous (B, N, L)
+            B, C = B.contiguous(), C.contiguous()
         scan = dispatch.selective_scan(
-            x, dt, A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(), z,
+            x, dt, A, B, C, self.D.float(), z,
             delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=cache is not None,
             initial_state=cache.ssm_states[self.layer_idx] if continuing else None,
             # mamba-ssm's scan takes no initial state: continue a cached scan with the torch path instead.
-            backend="torch" if continuing and dispatch.resolve_backend(self.backend, x.device) == "mamba_ssm"
-            else self.backend,
+            backend="torch" if continuing and backend == "mamba_ssm" else backend,
         )
         if cache is not None:
             y, last_state = scan
             cache.ssm_states[self.layer_idx].copy_(last_state)
         else:
             y = scan
-        return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))  # (B, L, d)
+        y = y.transpose(1, 2)  # (B, L, E): a view of the Triton scan's output, no copy
+        if not torch.is_autocast_enabled(y.device.type):
+            y = y.to(hidden_states.dtype)  # (under autocast out_proj casts y itself: no fp32 round trip)
+        return self.out_proj(y)  # (B, L, d)
 
     def _step(self, hidden_states: torch.Tensor, cache: MoaiMambaCache) -> torch.Tensor:
         """`step` for a (B, 1, d) input (the forward's one-token path)."""

@@ -1,0 +1,266 @@
+"""Causal depthwise conv1d (+ bias, + SiLU) in Triton, forward and backward (backend ``triton``).
+
+Same semantics as `reference.causal_conv1d_ref` (the spec): x (B, D, L), weight (D, W), bias (D,), optional
+initial_states (B, D, W-1) (the inputs before x, e.g. from a decode cache),
+
+    pre_t = bias + sum_{k<W} w_k * x_{t-W+1+k}        (x_{<0} = initial_states, or 0)
+    out_t = silu(pre_t)  (or pre_t without the activation)
+
+Why channels-last. In the mixer, x is the first E columns of in_proj's (B, L, 2E) output: viewed as (B, E, L) its
+time stride is 2E and its channel stride 1. torch's depthwise conv wants (B, E, L) contiguous, so the reference
+path pads and copies it, converts to fp32, convolves, slices, applies SiLU and converts back: ~30 bytes of HBM
+traffic per element (bf16) and 5 launches, and x_proj then needs its (B, L, E) transpose copied once more.
+Here a program owns a (T, BD) tile, time by channel, with the channels on the lanes: each time step of the tile
+is one contiguous run of BD channels (256 B at BD = 128 in bf16), so every load is coalesced whatever the time
+stride. The output is written in (B, L, D) memory (returned as its (B, D, L) view), which is what x_proj and the
+channels-last scan read in place.
+
+Napkin math, bytes per (b, d, t) element, s = bytes of the dtype (2 for bf16); 370m preset, B=8, L=2048, E=2048:
+33.5M elements, HBM ~4 TB/s (copy bandwidth measured on the H200).
+- forward: read x + write out = 2s = 4 B (134 MB, >= 34 us). The W shifted reads of a tile hit L1/L2.
+- backward: read x, dout + write dx = 3s = 6 B (201 MB, >= 50 us). The pre-activation is recomputed (W FMAs per
+  element per shift) instead of stored (which would cost another 2s written and read). dx_t needs
+  dpre_{t..t+W-1}, so the backward recomputes pre at W shifts: W^2 <= 16 loads per element, all but one from
+  cache. dweight and dbias are reduced over the tile in registers and written as fp32 partial sums per
+  (batch row, time block) (B * L/T * D * W * 4 bytes: 2 MB at T = 64, ~1% of the traffic), summed by torch.
+- the torch path (pad, fp32 copy, conv, slice, SiLU, cast; and its backward in fp32) moves ~5x more.
+
+The final states (`return_final_states`: the last W-1 inputs, the decode cache) are a (B, D, W-1) slice taken by
+torch. The gradient w.r.t. initial_states (only its W-1 first outputs depend on it) is computed by the reference
+on those W-1 steps: exact and O(B*D*W) work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import causal_conv1d_ref
+
+MAX_WIDTH = 4  # the kernels unroll W^2 shifted loads; mamba's conv is W = 4
+_BLOCK_L = 64  # time steps per program
+_BLOCK_D = 128  # channels per program (on the lanes)
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _pre_activation(x_ptr, x_row, init_ptr, init_row, w_ptr, offs_d, mask_d, bias, t, length, sx_l, si_l,
+                    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # pre_t = bias + sum_k w_k x_{t-W+1+k} for a (T, BD) tile of times t; x_{<0} from initial_states (cast to x's
+    # dtype first, as the reference does), else 0. Returns the pre-activation, fp32.
+    acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += bias[None, :]
+    for k in tl.static_range(WIDTH):
+        wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+        pos = t - (WIDTH - 1) + k  # (T,)
+        m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
+        xv = tl.load(x_ptr + x_row[None, :] + pos.to(tl.int64)[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
+        if HAS_INIT:
+            mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
+            iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1).to(tl.int64)[:, None] * si_l, mask=mi,
+                         other=0.0)
+            xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += wk[None, :] * xv
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, out_ptr,
+    dim, length,
+    sx_b, sx_d, sx_l, si_b, si_d, si_l, so_b, so_d, so_l,
+    WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # x: (B, D, L) strides sx_*; w: (D, W) contiguous; bias: (D,); init: (B, D, W-1) strides si_*;
+    # out: (B, D, L) strides so_* (channels-last in practice: so_d = 1). Grid: (L / T, D / BD, B).
+    pid_b = tl.program_id(2).to(tl.int64)
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < dim
+    d64 = offs_d.to(tl.int64)
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    pre = _pre_activation(x_ptr, pid_b * sx_b + d64 * sx_d, init_ptr, pid_b * si_b + d64 * si_d, w_ptr, offs_d,
+                          mask_d, bias, t, length, sx_l, si_l, WIDTH, HAS_BIAS, HAS_INIT, BLOCK_L, BLOCK_D)
+    out = pre * tl.sigmoid(pre) if SILU else pre
+    mask = (t < length)[:, None] & mask_d[None, :]
+    o_ptr = out_ptr + (pid_b * so_b + d64 * so_d)[None, :] + t.to(tl.int64)[:, None] * so_l
+    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
+    dim, length, n_lblocks,
+    sx_b, sx_d, sx_l, si_b, si_d, si_l, sg_b, sg_d, sg_l, sdx_b, sdx_d, sdx_l,
+    WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # dout: (B, D, L) strides sg_*; dx: strides sdx_*; dw: (B * n_lblocks, D, WIDTH_P2) fp32 partial sums;
+    # dbias: (B * n_lblocks, D) fp32 partial sums. Grid as in the forward.
+    #   dpre_t = dout_t * silu'(pre_t);  dx_t = sum_j w_{W-1-j} dpre_{t+j};  dw_k = sum_t dpre_t x_{t-W+1+k}
+    pid_l = tl.program_id(0)
+    pid_b = tl.program_id(2).to(tl.int64)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_w = tl.arange(0, WIDTH_P2)
+    mask_d = offs_d < dim
+    d64 = offs_d.to(tl.int64)
+    x_row, init_row = pid_b * sx_b + d64 * sx_d, pid_b * si_b + d64 * si_d
+    g_row = pid_b * sg_b + d64 * sg_d
+    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+
+    dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_D, WIDTH_P2], dtype=tl.float32)
+    dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(WIDTH):
+        tj = t + j  # dx_t takes dpre_{t+j} through w_{W-1-j}
+        mj = (tj < length)[:, None] & mask_d[None, :]
+        dpre = tl.load(dout_ptr + g_row[None, :] + tj.to(tl.int64)[:, None] * sg_l, mask=mj, other=0.0)
+        dpre = dpre.to(tl.float32)
+        if SILU:
+            pre = _pre_activation(x_ptr, x_row, init_ptr, init_row, w_ptr, offs_d, mask_d, bias, tj, length, sx_l,
+                                  si_l, WIDTH, HAS_BIAS, HAS_INIT, BLOCK_L, BLOCK_D)
+            sig = tl.sigmoid(pre)
+            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))  # silu'(p) = sig(p) (1 + p (1 - sig(p)))
+        wj = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+        dx += wj[None, :] * dpre
+        if j == 0:  # the tile's own steps: its share of dweight and dbias
+            if HAS_BIAS:
+                dbias = tl.sum(dpre, axis=0)
+            for k in tl.static_range(WIDTH):
+                pos = t - (WIDTH - 1) + k
+                m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
+                xv = tl.load(x_ptr + x_row[None, :] + pos.to(tl.int64)[:, None] * sx_l, mask=m, other=0.0)
+                xv = xv.to(tl.float32)
+                if HAS_INIT:
+                    mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
+                    iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1).to(tl.int64)[:, None] * si_l,
+                                 mask=mi, other=0.0)
+                    xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
+                dwk = tl.sum(dpre * xv, axis=0)  # (BD,)
+                dw += tl.where(offs_w[None, :] == k, dwk[:, None], 0.0)
+
+    mask = (t < length)[:, None] & mask_d[None, :]
+    dx_ptrs = dx_ptr + (pid_b * sdx_b + d64 * sdx_d)[None, :] + t.to(tl.int64)[:, None] * sdx_l
+    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    part = pid_b * n_lblocks + pid_l  # this program's row of partial sums
+    tl.store(dw_ptr + (part * dim + d64)[:, None] * WIDTH_P2 + offs_w[None, :], dw, mask=mask_d[:, None])
+    if HAS_BIAS:
+        tl.store(dbias_ptr + part * dim + d64, dbias, mask=mask_d)
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _strides(*tensors) -> list[int]:
+    return [s for t in tensors for s in (t.stride() if t is not None else (0, 0, 0))]
+
+
+def _grid(batch: int, dim: int, length: int):
+    return (triton.cdiv(length, _BLOCK_L), triton.cdiv(dim, _BLOCK_D), batch)
+
+
+class _CausalConv1dTritonFn(torch.autograd.Function):
+    """Conv forward/backward; saves only its inputs (the backward recomputes the pre-activation)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_states, activation):
+        batch, dim, length = x.shape
+        width = weight.shape[1]
+        w = weight.contiguous()
+        b = bias.contiguous() if bias is not None else None
+        out = x.new_empty((batch, length, dim)).transpose(1, 2)  # (B, D, L) view of (B, L, D) memory
+        silu = activation is not None
+        with _on_device(x):
+            _conv_fwd_kernel[_grid(batch, dim, length)](
+                x, w, b, initial_states, out, dim, length, *_strides(x, initial_states, out),
+                WIDTH=width, HAS_BIAS=b is not None, HAS_INIT=initial_states is not None, SILU=silu,
+                BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=_NUM_WARPS,
+            )
+        ctx.save_for_backward(x, w, b, initial_states)
+        ctx.activation, ctx.weight_dtype = activation, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w, b, init = ctx.saved_tensors
+        batch, dim, length = x.shape
+        width = w.shape[1]
+        width_p2 = triton.next_power_of_2(width)
+        n_lblocks = triton.cdiv(length, _BLOCK_L)
+        dx = _empty_in_layout(x)
+        dw = x.new_empty((batch * n_lblocks, dim, width_p2), dtype=torch.float32)
+        db = x.new_empty((batch * n_lblocks, dim), dtype=torch.float32) if b is not None else None
+        with _on_device(x):
+            _conv_bwd_kernel[_grid(batch, dim, length)](
+                x, w, b, init, dout, dx, dw, db, dim, length, n_lblocks, *_strides(x, init, dout, dx),
+                WIDTH=width, WIDTH_P2=width_p2, HAS_BIAS=b is not None, HAS_INIT=init is not None,
+                SILU=ctx.activation is not None, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=_NUM_WARPS,
+            )
+        dinit = None
+        if init is not None and ctx.needs_input_grad[3]:
+            # Only the first W-1 outputs read initial_states: differentiate the reference on those steps.
+            steps = min(width - 1, length)
+            with torch.enable_grad():
+                init_ = init.detach().requires_grad_()
+                head = causal_conv1d_ref(x[..., :steps].detach(), w, b, init_, activation=ctx.activation)
+                (dinit,) = torch.autograd.grad(head, init_, dout[..., :steps])
+        return (dx, dw.sum(0)[:, :width].to(ctx.weight_dtype),
+                db.sum(0).to(ctx.bias_dtype) if db is not None else None, dinit, None)
+
+
+def _empty_in_layout(t: torch.Tensor) -> torch.Tensor:
+    """Dense, with t's (B, D, L) shape, in t's order (channels-last when t steps faster along D than along L)."""
+    batch, dim, length = t.shape
+    if t.stride(1) < t.stride(2):
+        return t.new_empty((batch, length, dim)).transpose(1, 2)
+    return t.new_empty((batch, dim, length))
+
+
+def causal_conv1d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = None,
+):
+    """`reference.causal_conv1d_ref` as Triton kernels, differentiable w.r.t. x, weight, bias, initial_states.
+
+    x: (B, D, L), any strides (channels-last views, e.g. a column slice of in_proj's (B, L, 2E) output viewed as
+    (B, E, L), are read in place); weight: (D, W), W <= 4; bias: (D,); initial_states: (B, D, W-1).
+    Returns out (B, D, L) in x's dtype as a view of (B, L, D) memory (channels-last), and, if
+    `return_final_states`, the last W-1 inputs (B, D, W-1). Tensors must be on a CUDA GPU, or on the CPU with
+    TRITON_INTERPRET=1 set before triton was first imported.
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"x must be (B, D, L) and weight (D, W) with the same D, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"the Triton causal conv supports widths 1..{MAX_WIDTH}, got W={width}; use "
+                         "backend='torch' for wider kernels")
+    if initial_states is not None and tuple(initial_states.shape) != (batch, dim, width - 1):
+        raise ValueError(f"initial_states must have shape (B, D, W-1) = {(batch, dim, width - 1)}, "
+                         f"got {tuple(initial_states.shape)}")
+    if initial_states is not None and width == 1:
+        initial_states = None  # nothing to read from it
+    out = _CausalConv1dTritonFn.apply(x, weight, bias, initial_states, activation)
+    if not return_final_states:
+        return out
+    if width == 1:
+        return out, x[..., :0]
+    prefix = (initial_states.to(x.dtype) if initial_states is not None
+              else x.new_zeros((batch, dim, width - 1)))
+    return out, torch.cat([prefix, x[..., -(width - 1):]], dim=-1)[..., -(width - 1):]
