@@ -286,13 +286,15 @@ def _scan_bwd_kernel(
     sdu_b, sdu_d, sdu_l, sddl_b, sddl_d, sddl_l, sdz_b, sdz_d, sdz_l,
     sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdB_b, sdB_n, sdB_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ADJOINT_ONLY: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # Inputs as in the forward; states: (B, D, n_chunks, N); dout: (B, D, L) with strides sg_*; dlast: (B, D, N).
     # Outputs: du, ddelta, dz (B, D, L) in the inputs' dtypes, strides sdu_*, sddl_*, sdz_*; dB, dC (B, N, L)
     # fp32, both with strides sdB_*, accumulated atomically;
     # dA (B, D, N), dD and dbias (B, D) fp32 per batch row; dh0 (B, D, N) fp32.
+    # ADJOINT_ONLY: only dh0 (the adjoint carried through the whole row), nothing else read or written but delta,
+    # C, z, dout, dlast: what `triton_scan_seg` needs of each segment before the real backward.
     # Tiles are (T, D2, N, D1): the program's BLOCK_D2 * BLOCK_D1 channels are split into D2 groups held in
     # registers and D1 channels along the lanes (see "Register layout" in the module docstring).
     pid_b = tl.program_id(0).to(tl.int64)
@@ -335,10 +337,7 @@ def _scan_bwd_kernel(
         mask_ld = mask_l[:, None, None] & mask_d[None, :, :]  # (T, D2, D1)
         mask_ln = mask_l[:, None] & mask_n[None, :]  # (T, N)
         t64 = t.to(tl.int64)[:, None, None]  # (T, 1, 1)
-        h_start = tl.load(states_ptr + st_off + c * dstate, mask=mask_dnd, other=0.0)
-
         # Recompute the chunk's forward: a_t, x_t, h_t (and y_t when the gate needs it).
-        u = tl.load(u_ptr + u_row[None, :, :] + t64 * su_l, mask=mask_ld, other=0.0).to(tl.float32)  # (T, D2, D1)
         pre = tl.load(delta_ptr + dl_row[None, :, :] + t64 * sdl_l, mask=mask_ld, other=0.0).to(tl.float32)
         if HAS_BIAS:
             pre = pre + bias[None, :, :]
@@ -348,30 +347,36 @@ def _scan_bwd_kernel(
             dl = pre
         dl = tl.where(mask_ld, dl, 0.0)
         tn64 = t.to(tl.int64)[:, None]  # (T, 1)
-        Bt = tl.load(B_ptr + B_row[None, :] + tn64 * sB_l, mask=mask_ln, other=0.0).to(tl.float32)[:, None, :, None]
         Ct = tl.load(C_ptr + C_row[None, :] + tn64 * sC_l, mask=mask_ln, other=0.0).to(tl.float32)[:, None, :, None]
         a = tl.exp2(dl[:, :, None, :] * A2[None, :, :, :])  # (T, D2, N, D1)
-        du_ = (dl * u)[:, :, None, :]
-        x = Bt * du_
-        _, hs = tl.associative_scan((a, tl.where(first, x + a * h_start[None, :, :, :], x)), axis=0,
-                                    combine_fn=_affine_combine)
+        if not ADJOINT_ONLY:
+            h_start = tl.load(states_ptr + st_off + c * dstate, mask=mask_dnd, other=0.0)
+            u = tl.load(u_ptr + u_row[None, :, :] + t64 * su_l, mask=mask_ld, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + B_row[None, :] + tn64 * sB_l, mask=mask_ln,
+                         other=0.0).to(tl.float32)[:, None, :, None]  # (T, 1, N, 1)
+            du_ = (dl * u)[:, :, None, :]
+            x = Bt * du_
+            _, hs = tl.associative_scan((a, tl.where(first, x + a * h_start[None, :, :, :], x)), axis=0,
+                                        combine_fn=_affine_combine)
 
         # dy: gradient w.r.t. the scan output sum_n C h (before the D skip and the gate).
         dy = tl.load(dout_ptr + g_row[None, :, :] + t64 * sg_l, mask=mask_ld, other=0.0).to(tl.float32)
         if HAS_Z:
             zv = tl.load(z_ptr + z_row[None, :, :] + t64 * sz_l, mask=mask_ld, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zv)
-            y = tl.sum(hs * Ct, axis=2)
-            if HAS_D:
-                y += Dv[None, :, :] * u
-            dz = dy * y * sz * (1.0 + zv * (1.0 - sz))  # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
-            tl.store(dz_ptr + dz_row[None, :, :] + t64 * sdz_l, dz.to(dz_ptr.dtype.element_ty), mask=mask_ld)
+            if not ADJOINT_ONLY:
+                y = tl.sum(hs * Ct, axis=2)
+                if HAS_D:
+                    y += Dv[None, :, :] * u
+                dz = dy * y * sz * (1.0 + zv * (1.0 - sz))  # d silu(z)/dz = sig(z) (1 + z (1 - sig(z)))
+                tl.store(dz_ptr + dz_row[None, :, :] + t64 * sdz_l, dz.to(dz_ptr.dtype.element_ty), mask=mask_ld)
             dy = dy * zv * sz
-        if HAS_D:
-            dD_acc += tl.sum(dy * u, axis=0)
-            du = dy * Dv[None, :, :]
-        else:
-            du = tl.zeros([BLOCK_L, BLOCK_D2, BLOCK_D1], dtype=tl.float32)
+        if not ADJOINT_ONLY:
+            if HAS_D:
+                dD_acc += tl.sum(dy * u, axis=0)
+                du = dy * Dv[None, :, :]
+            else:
+                du = tl.zeros([BLOCK_L, BLOCK_D2, BLOCK_D1], dtype=tl.float32)
 
         # Adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}: a reverse scan of (P, Q, a_first) segments, with the carry q
         # from the later chunk entering through the last step (padded steps have a = 1 and pass it on).
@@ -383,30 +388,33 @@ def _scan_bwd_kernel(
         g = _flip_time(g, offs_l, BLOCK_L)
         q = tl.sum(tl.where(first, a * g, -0.0), axis=0)  # a_{t0} g_{t0}, handed to the chunk before
 
-        # (T, N), summed over this program's channels: first over the D2 groups in registers, then over lanes.
-        dC = tl.sum(tl.sum(hs * dy4, axis=1), axis=2)
-        dB = tl.sum(tl.sum(g * du_, axis=1), axis=2)
-        ptr_dbc = dBC_row[None, :] + tn64 * sdB_l
-        tl.atomic_add(dC_ptr + ptr_dbc, dC, mask=mask_ln, sem="relaxed")
-        tl.atomic_add(dB_ptr + ptr_dbc, dB, mask=mask_ln, sem="relaxed")
-        s = g * (hs - x)  # g_t a_t h_{t-1}: the gradient w.r.t. delta_t * A (padded steps: times delta = 0)
-        dA_acc += tl.sum(s * dl[:, :, None, :], axis=0)
-        gdu = tl.sum(g * Bt, axis=2)  # dL/d(delta_t u_t), (T, D2, D1)
-        ddl = tl.sum(s * A[None, :, :, :], axis=2) + gdu * u
-        du += gdu * dl
-        if SOFTPLUS:
-            ddl = ddl * tl.sigmoid(pre)  # softplus'(x) = sigmoid(x)
-        if HAS_BIAS:
-            dbias_acc += tl.sum(tl.where(mask_ld, ddl, 0.0), axis=0)
-        tl.store(du_ptr + du_row[None, :, :] + t64 * sdu_l, du.to(du_ptr.dtype.element_ty), mask=mask_ld)
-        tl.store(ddelta_ptr + ddl_row[None, :, :] + t64 * sddl_l, ddl.to(ddelta_ptr.dtype.element_ty), mask=mask_ld)
+        if not ADJOINT_ONLY:
+            # (T, N), summed over this program's channels: first over the D2 groups in registers, then over lanes.
+            dC = tl.sum(tl.sum(hs * dy4, axis=1), axis=2)
+            dB = tl.sum(tl.sum(g * du_, axis=1), axis=2)
+            ptr_dbc = dBC_row[None, :] + tn64 * sdB_l
+            tl.atomic_add(dC_ptr + ptr_dbc, dC, mask=mask_ln, sem="relaxed")
+            tl.atomic_add(dB_ptr + ptr_dbc, dB, mask=mask_ln, sem="relaxed")
+            s = g * (hs - x)  # g_t a_t h_{t-1}: the gradient w.r.t. delta_t * A (padded steps: times delta = 0)
+            dA_acc += tl.sum(s * dl[:, :, None, :], axis=0)
+            gdu = tl.sum(g * Bt, axis=2)  # dL/d(delta_t u_t), (T, D2, D1)
+            ddl = tl.sum(s * A[None, :, :, :], axis=2) + gdu * u
+            du += gdu * dl
+            if SOFTPLUS:
+                ddl = ddl * tl.sigmoid(pre)  # softplus'(x) = sigmoid(x)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(tl.where(mask_ld, ddl, 0.0), axis=0)
+            tl.store(du_ptr + du_row[None, :, :] + t64 * sdu_l, du.to(du_ptr.dtype.element_ty), mask=mask_ld)
+            tl.store(ddelta_ptr + ddl_row[None, :, :] + t64 * sddl_l, ddl.to(ddelta_ptr.dtype.element_ty),
+                     mask=mask_ld)
 
-    tl.store(dA_ptr + bdn_off, dA_acc, mask=mask_dnd)
-    bd_off = pid_b * dim + offs_d
-    if HAS_D:
-        tl.store(dD_ptr + bd_off, dD_acc, mask=mask_d)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + bd_off, dbias_acc, mask=mask_d)
+    if not ADJOINT_ONLY:
+        tl.store(dA_ptr + bdn_off, dA_acc, mask=mask_dnd)
+        bd_off = pid_b * dim + offs_d
+        if HAS_D:
+            tl.store(dD_ptr + bd_off, dD_acc, mask=mask_d)
+        if HAS_BIAS:
+            tl.store(dbias_ptr + bd_off, dbias_acc, mask=mask_d)
     if HAS_H0:
         tl.store(dh0_ptr + bdn_off, q, mask=mask_dnd)
 
@@ -449,6 +457,42 @@ def _strides(*tensors) -> list[int]:
     return [s for t in tensors for s in (t.stride() if t is not None else (0, 0, 0))]
 
 
+def launch_fwd(u, delta, A32, B, C, D, z, delta_bias, h0, out, last, states, softplus: bool,
+               fwd_cfg: ScanConfig, bwd_cfg: ScanConfig) -> None:
+    """One forward launch over (B', D, L') views of any strides (the batch may be a set of segments of L, see
+    `triton_scan_seg`): writes out, last (B', D, N) fp32 and, if `states` is given, the backward's checkpoints
+    (B', D, ceil(L'/bwd_cfg.block_l), N) fp32. h0, last and states are contiguous."""
+    batch, dim, length = u.shape
+    dstate = A32.shape[1]
+    save = states is not None
+    _scan_fwd_kernel[_grid(batch, dim, fwd_cfg)](
+        u, delta, A32, B, C, D, z, delta_bias, h0, out, last, states,
+        dim, length, dstate, triton.cdiv(length, fwd_cfg.block_l), states.shape[2] if save else 0,
+        *_strides(u, delta, z, out, B, C),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
+        SOFTPLUS=softplus, SAVE_STATES=save, SAVE_EVERY=bwd_cfg.block_l,
+        BLOCK_D=fwd_cfg.block_d, BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l, num_warps=fwd_cfg.num_warps,
+    )
+
+
+def launch_bwd(u, delta, A32, B, C, D, z, delta_bias, states, dout, dlast, du, ddelta, dA, dB, dC, dD, dz, dbias,
+               dh0, softplus: bool, cfg: ScanConfig, adjoint_only: bool = False) -> None:
+    """One backward launch over (B', D, L') views (as `launch_fwd`). dB and dC are fp32, zeroed by the caller,
+    accumulated atomically, with B's strides. `adjoint_only`: write dh0 only (u, B, states and the other outputs
+    are not touched and may be None)."""
+    batch, dim, length = delta.shape
+    dstate = A32.shape[1]
+    _scan_bwd_kernel[_grid(batch, dim, cfg)](
+        u, delta, A32, B, C, D, z, delta_bias, states, dout, dlast,
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0,
+        dim, length, dstate, triton.cdiv(length, cfg.block_l),
+        *_strides(u, delta, z, dout, du, ddelta, dz, B, C, dB),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=dh0 is not None,
+        SOFTPLUS=softplus, ADJOINT_ONLY=adjoint_only, BLOCK_D2=cfg.d_regs, BLOCK_D1=cfg.block_d // cfg.d_regs,
+        BLOCK_N=_block_n(dstate), BLOCK_L=cfg.block_l, num_warps=cfg.num_warps,
+    )
+
+
 class _SelectiveScanTritonFn(torch.autograd.Function):
     """The fused selective scan; saves only its inputs and the (B, D, ceil(L/T_bwd), N) chunk states.
 
@@ -469,15 +513,8 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
         last = u.new_empty((batch, dim, dstate), dtype=torch.float32)
         h0c = h0.contiguous() if h0 is not None else None
         with _on_device(u):
-            _scan_fwd_kernel[_grid(batch, dim, fwd_cfg)](
-                u, delta, A32, B, C, D, z, delta_bias, h0c, out, last, states,
-                dim, length, dstate, triton.cdiv(length, fwd_cfg.block_l), n_saved,
-                *_strides(u, delta, z, out, B, C),
-                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-                SOFTPLUS=bool(delta_softplus), SAVE_STATES=save, SAVE_EVERY=bwd_cfg.block_l,
-                BLOCK_D=fwd_cfg.block_d, BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l,
-                num_warps=fwd_cfg.num_warps,
-            )
+            launch_fwd(u, delta, A32, B, C, D, z, delta_bias, h0c, out, last, states if save else None,
+                       bool(delta_softplus), fwd_cfg, bwd_cfg)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, states)
             ctx.delta_softplus, ctx.bwd_cfg = bool(delta_softplus), bwd_cfg
@@ -499,15 +536,8 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
         dbias = u.new_empty((batch, dim), dtype=torch.float32) if delta_bias is not None else None
         dh0 = u.new_empty((batch, dim, dstate), dtype=torch.float32) if h0 is not None else None
         with _on_device(u):
-            _scan_bwd_kernel[_grid(batch, dim, cfg)](
-                u, delta, A.float().contiguous(), B, C, D, z, delta_bias, states, dout, dlast,
-                du, ddelta, dA, dB, dC, dD, dz, dbias, dh0,
-                dim, length, dstate, triton.cdiv(length, cfg.block_l),
-                *_strides(u, delta, z, dout, du, ddelta, dz, B, C, dB),
-                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-                SOFTPLUS=ctx.delta_softplus, BLOCK_D2=cfg.d_regs, BLOCK_D1=cfg.block_d // cfg.d_regs,
-                BLOCK_N=_block_n(dstate), BLOCK_L=cfg.block_l, num_warps=cfg.num_warps,
-            )
+            launch_bwd(u, delta, A.float().contiguous(), B, C, D, z, delta_bias, states, dout, dlast,
+                       du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, ctx.delta_softplus, cfg)
         return (
             du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
@@ -532,6 +562,7 @@ def selective_scan_triton(
     *,
     fwd_config: ScanConfig | None = None,
     bwd_config: ScanConfig | None = None,
+    segment_len: int | None = None,
 ):
     """Selective scan with exactly the semantics of `reference.selective_scan_ref`, as Triton kernels.
 
@@ -542,7 +573,9 @@ def selective_scan_triton(
     transposed), and, if `return_last_state`, the final state (B, D, N) fp32. Gradients come back in the layout
     of their inputs.
     Differentiable w.r.t. every tensor argument. `fwd_config` / `bwd_config` only trade speed
-    (defaults: `default_configs`). Tensors must be on a CUDA GPU, or on the CPU with
+    (defaults: `default_configs`), and so does `segment_len`: split L into segments of that many steps, scanned
+    in parallel (`triton_scan_seg`; exact); None chooses (`triton_scan_seg.segment_len_for`: only when batch x
+    channel blocks are too few to fill the GPU), 0 never splits. Tensors must be on a CUDA GPU, or on the CPU with
     TRITON_INTERPRET=1 set before triton was first imported.
     """
     batch, dim, length = u.shape
@@ -559,8 +592,20 @@ def selective_scan_triton(
         raise ValueError(f"initial_state must have shape (B, D, N) = {(batch, dim, dstate)}, "
                          f"got {tuple(initial_state.shape)}")
     default_fwd, default_bwd = default_configs(batch, dim, dstate)
-    out, last = _SelectiveScanTritonFn.apply(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-        fwd_config or default_fwd, bwd_config or default_bwd,
-    )
+    fwd_config, bwd_config = fwd_config or default_fwd, bwd_config or default_bwd
+    from . import triton_scan_seg
+
+    if segment_len is None:
+        segment_len = triton_scan_seg.segment_len_for(batch, dim, length, fwd_config)
+    elif not isinstance(segment_len, int) or segment_len < 0:
+        raise ValueError(f"segment_len must be an int >= 0 (0: do not split L), got {segment_len!r}")
+    if 0 < segment_len < length:
+        out, last = triton_scan_seg._SegmentedScanFn.apply(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, fwd_config, bwd_config,
+            segment_len,
+        )
+    else:
+        out, last = _SelectiveScanTritonFn.apply(
+            u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, fwd_config, bwd_config,
+        )
     return (out, last) if return_last_state else out
