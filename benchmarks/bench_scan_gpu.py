@@ -44,7 +44,7 @@ HBM_BYTES_PER_S = 4.0e12  # H200 copy bandwidth measured on the GPU machine (sha
 EXP_PER_CLOCK_PER_SM = 16  # MUFU ex2 throughput on sm_90
 ASSUMED_CLOCK_HZ = 1.98e9  # H200 boost clock, when torch does not report one
 
-VALIDATION_SHAPE = (2, 64, 16, 300)  # B, D, N, L: L not a multiple of any chunk length
+VALIDATION_SHAPE = (2, 64, 16, 1100)  # B, D, N, L: not a multiple of any chunk; long enough for ours to split L
 SWEEP_LENGTH = 2048
 # Launch shapes of ours worth timing, from static SASS counts (the default first): (block_d, block_l, num_warps
 # [, d_regs]). Larger register tiles than these spill.
@@ -79,6 +79,9 @@ def scan_variants(fwd_cfg, bwd_cfg):
     fc, bc = ScanConfig(*fwd_cfg), ScanConfig(*bwd_cfg)
     variants = {
         "triton (ours)": lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc),
+        # The same kernels without the split over L that small batches get (`triton_scan_seg`).
+        "triton (ours, unsplit)": lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc,
+                                                                     segment_len=0),
         "torch chunked": selective_scan_chunked,
         "reference": selective_scan_ref,
     }
@@ -241,6 +244,8 @@ def main() -> None:
         fwd_cfg, bwd_cfg, sweep_rows = sweep(args)
 
     variants = scan_variants(fwd_cfg, bwd_cfg)
+    from moai_lib.kernels.triton_scan import ScanConfig
+    from moai_lib.kernels.triton_scan_seg import segment_len_for
     status = {}
     for name, fn in variants.items():
         status[name] = fn if isinstance(fn, str) else (None if name == "reference" else validate(name, fn))
@@ -249,8 +254,11 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
     for length in lengths:
-        for name in ("triton (ours)", "mamba-ssm", "torch chunked", "reference"):
+        for name in ("triton (ours)", "triton (ours, unsplit)", "mamba-ssm", "torch chunked", "reference"):
             for mode in ("fwd", "fwd+bwd"):
+                if name == "triton (ours, unsplit)" and not segment_len_for(
+                        args.batch, args.dim, length, ScanConfig(*fwd_cfg)):
+                    continue  # ours does not split at this shape: the same row twice
                 if name == "torch chunked" and length > 2048:
                     continue
                 if name == "reference" and (length != 2048 or mode != "fwd"):
@@ -261,7 +269,7 @@ def main() -> None:
                 if status[name] is not None:
                     row["error"] = status[name]
                 else:
-                    slow = name != "triton (ours)" and name != "mamba-ssm"
+                    slow = not name.startswith("triton") and name != "mamba-ssm"
                     try:
                         ms = measure(variants[name], args.batch, args.dim, args.dstate, length, mode,
                                      warmup=0 if name == "reference" else (1 if slow else 3),
