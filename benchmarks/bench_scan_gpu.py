@@ -44,7 +44,7 @@ HBM_BYTES_PER_S = 4.0e12  # H200 copy bandwidth measured on the GPU machine (sha
 EXP_PER_CLOCK_PER_SM = 16  # MUFU ex2 throughput on sm_90
 ASSUMED_CLOCK_HZ = 1.98e9  # H200 boost clock, when torch does not report one
 
-VALIDATION_SHAPE = (2, 64, 16, 1100)  # B, D, N, L: not a multiple of any chunk; long enough for ours to split L
+VALIDATION_SHAPE = (2, 64, 16, 4500)  # B, D, N, L: not a multiple of any chunk; long enough for ours to split L
 SWEEP_LENGTH = 2048
 # Launch shapes of ours worth timing, from static SASS counts (the default first): (block_d, block_l, num_warps
 # [, d_regs]). Larger register tiles than these spill.
@@ -72,13 +72,15 @@ def make_inputs(batch, dim, dstate, length, dtype, seed=0):
     )
 
 
-def scan_variants(fwd_cfg, bwd_cfg):
-    """name -> fn(**inputs, delta_softplus=True) -> y, or the reason the variant is unavailable."""
+def scan_variants(fwd_cfg, bwd_cfg, swept: bool):
+    """name -> fn(**inputs, delta_softplus=True) -> y, or the reason the variant is unavailable. Ours runs with
+    the launch shapes it picks itself (what a user gets), or with the sweep's fastest (`swept`)."""
     from moai_lib.kernels.triton_scan import ScanConfig, selective_scan_triton
 
     fc, bc = ScanConfig(*fwd_cfg), ScanConfig(*bwd_cfg)
     variants = {
-        "triton (ours)": lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc),
+        "triton (ours)": (lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc)) if swept
+        else selective_scan_triton,
         # The same kernels without the split over L that small batches get (`triton_scan_seg`).
         "triton (ours, unsplit)": lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc,
                                                                      segment_len=0),
@@ -243,8 +245,7 @@ def main() -> None:
     if args.sweep:
         fwd_cfg, bwd_cfg, sweep_rows = sweep(args)
 
-    variants = scan_variants(fwd_cfg, bwd_cfg)
-    from moai_lib.kernels.triton_scan import ScanConfig
+    variants = scan_variants(fwd_cfg, bwd_cfg, swept=args.sweep)
     from moai_lib.kernels.triton_scan_seg import segment_len_for
     status = {}
     for name, fn in variants.items():
@@ -256,8 +257,7 @@ def main() -> None:
     for length in lengths:
         for name in ("triton (ours)", "triton (ours, unsplit)", "mamba-ssm", "torch chunked", "reference"):
             for mode in ("fwd", "fwd+bwd"):
-                if name == "triton (ours, unsplit)" and not segment_len_for(
-                        args.batch, args.dim, length, ScanConfig(*fwd_cfg)):
+                if name == "triton (ours, unsplit)" and not segment_len_for(args.batch, args.dim, length):
                     continue  # ours does not split at this shape: the same row twice
                 if name == "torch chunked" and length > 2048:
                     continue

@@ -574,8 +574,8 @@ def selective_scan_triton(
     of their inputs.
     Differentiable w.r.t. every tensor argument. `fwd_config` / `bwd_config` only trade speed
     (defaults: `default_configs`), and so does `segment_len`: split L into segments of that many steps, scanned
-    in parallel (`triton_scan_seg`; exact); None chooses (`triton_scan_seg.segment_len_for`: only when batch x
-    channel blocks are too few to fill the GPU), 0 never splits. Tensors must be on a CUDA GPU, or on the CPU with
+    in parallel (`triton_scan_seg`; exact); None chooses (`triton_scan_seg.segment_len_for`: only long sequences of
+    small batches), 0 never splits. Tensors must be on a CUDA GPU, or on the CPU with
     TRITON_INTERPRET=1 set before triton was first imported.
     """
     batch, dim, length = u.shape
@@ -591,15 +591,18 @@ def selective_scan_triton(
     if initial_state is not None and tuple(initial_state.shape) != (batch, dim, dstate):
         raise ValueError(f"initial_state must have shape (B, D, N) = {(batch, dim, dstate)}, "
                          f"got {tuple(initial_state.shape)}")
-    default_fwd, default_bwd = default_configs(batch, dim, dstate)
-    fwd_config, bwd_config = fwd_config or default_fwd, bwd_config or default_bwd
     from . import triton_scan_seg
 
     if segment_len is None:
-        segment_len = triton_scan_seg.segment_len_for(batch, dim, length, fwd_config)
+        segment_len = triton_scan_seg.segment_len_for(batch, dim, length)
     elif not isinstance(segment_len, int) or segment_len < 0:
         raise ValueError(f"segment_len must be an int >= 0 (0: do not split L), got {segment_len!r}")
-    if 0 < segment_len < length:
+    split = 0 < segment_len < length
+    # Split: each launch scans batch x segments rows, and gets the launch shape of that many rows.
+    default_fwd, default_bwd = default_configs(batch * (triton.cdiv(length, segment_len) if split else 1), dim,
+                                               dstate)
+    fwd_config, bwd_config = fwd_config or default_fwd, bwd_config or default_bwd
+    if split:
         out, last = triton_scan_seg._SegmentedScanFn.apply(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, fwd_config, bwd_config,
             segment_len,

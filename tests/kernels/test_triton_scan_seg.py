@@ -83,16 +83,15 @@ def test_interpreted_segmented_scan_matches_reference():
 
 def test_segment_length_rule():
     pytest.importorskip("triton")
-    from moai_lib.kernels.triton_scan import ScanConfig, default_configs
     from moai_lib.kernels.triton_scan_seg import segment_len_for
 
-    fwd_b1, _ = default_configs(1, 4096)
-    assert segment_len_for(1, 4096, 2048, fwd_b1) > 0  # 512 programs: split
-    assert segment_len_for(1, 4096, 2048, fwd_b1) % 64 == 0
-    assert segment_len_for(1, 4096, 300, fwd_b1) == 0  # too short to split
-    fwd_b8, _ = default_configs(8, 4096)
-    assert segment_len_for(8, 4096, 32768, fwd_b8) == 0  # 1024 programs already: never split
-    assert segment_len_for(1, 4096, 32768, ScanConfig(8, 4)) * 8 >= 32768  # 8 segments fill 4096 programs
+    assert segment_len_for(1, 4096, 32768) == 4096  # 8 segments: 8 x 4096 channels, like a batch of 8
+    assert segment_len_for(1, 4096, 5000) == 640  # 8 segments (of >= 512 steps), rounded up to 64 steps
+    assert segment_len_for(1, 2048, 32768) == 2048  # narrower model: 16 segments
+    assert segment_len_for(1, 4096, 2048) == 0  # short: the launches would cost more than they save
+    assert segment_len_for(8, 4096, 32768) == 0  # wide enough already: never split
+    assert segment_len_for(2, 4096, 4096) == 1024  # 4 segments
+    assert segment_len_for(1, 4096, 4096 + 511) == 576  # 8 segments of 512-575 steps
 
 
 requires_cuda = pytest.mark.skipif(
