@@ -32,9 +32,12 @@ V = 128000, bf16):
 - the row kernel moves 3·s bytes per logit (read, read again, write G): 6 · N · V = 12.6 GB (~3.1 ms at 4 TB/s;
   a 256 KB row does not stay in L2 between the passes when ~1000 rows are in flight), and computes 2 exps per
   logit (2 · 2.1e9 at ~4.2e12 exp/s ≈ 1 ms, hidden under the memory time).
-- the torch path instead writes the fp32 logits (4 B), reads them for log_softmax and writes its output (8 B),
-  then in the backward redoes that and writes/reads the fp32 gradient and its bf16 cast: ~40 B per logit,
-  ~84 GB at this shape (~21 ms at copy speed; the profile shows ~29 ms in the NLL backward alone).
+- the checkpointed torch path, by contrast (estimated): its forward and its recompute each write bf16 logits,
+  cast them to fp32 and run log_softmax over them (~20 B per logit each); its backward writes the NLL gradient,
+  runs log_softmax's backward and casts the gradient back to bf16 (~22 B): ~60 B per logit, ~130 GB (~33 ms at
+  copy speed; the profile shows ~29 ms in the NLL backward alone). And since `weight[:vocab_size]` is a view,
+  autocast does not cache its bf16 copy: every chunk casts the fp32 weight twice (forward, recompute) and casts
+  and accumulates its gradient in fp32, ~4 GB per chunk. The fused path casts the weight once per call.
 - dW accumulation: each chunk's G^T h has K = T and writes a V×d fp32 output, which cuBLAS reads and rewrites
   (8·V·d = 1 GB per chunk; 0.26 ms at 4 TB/s) while its FLOPs are 2·T·V·d (0.17 ms at T = 512). Small chunks
   make this pass memory-bound: N/T · 1 GB in total, 8 GB at T = 2048, 32 GB at T = 512. Chunks of T rows also

@@ -86,10 +86,11 @@ def chunked_causal_lm_loss(
     padding to ignore. `num_items_in_batch`, when given (gradient accumulation), replaces the number of
     counted tokens in the mean. Returns a scalar fp32 tensor (0 when no token counts).
 
-    `fused` picks the path (module docstring; `use_fused_loss`): None = the fused Triton loss on CUDA, the torch
-    path elsewhere. `chunk_size` is the torch path's tokens per chunk; the fused path keeps the same bytes of
-    logits per chunk (one buffer in the compute dtype instead of fp32 logits and their fp32 gradient), so it
-    takes 8 / itemsize times as many tokens per chunk (4× in bf16): larger chunks, fewer passes over dW.
+    `fused` picks the path (module docstring; `use_fused_loss`): None = the fused Triton loss on CUDA for a
+    plain floating-point weight, the torch path otherwise. `chunk_size` is the torch path's tokens per chunk; the
+    fused path keeps the same bytes of logits per chunk (one buffer in the compute dtype instead of fp32 logits
+    and their fp32 gradient), so it takes 8 / itemsize times as many tokens per chunk (4× in bf16): larger
+    chunks, fewer passes over dW.
     """
     if labels.shape != hidden_states.shape[:2]:
         raise LossInputError(
@@ -104,7 +105,10 @@ def chunked_causal_lm_loss(
             f"labels contain ids outside [0, {lm_head_weight.shape[0]}) (e.g. {targets[bad][0].item()}); "
             f"use {ignore_index} for positions that should not count"
         )
-    if use_fused_loss(fused, hidden.device):
+    # A tensor subclass (a torchao-quantized or sharded weight) keeps the torch path unless asked: F.linear
+    # dispatches it to its own kernels, the fused path would need it as a plain matrix.
+    plain = type(lm_head_weight) in (torch.Tensor, torch.nn.Parameter) and lm_head_weight.is_floating_point()
+    if (plain or fused is not None) and use_fused_loss(fused, hidden.device):
         from ..kernels.triton_ce import compute_dtype, fused_linear_cross_entropy
 
         rows = chunk_size * 8 // compute_dtype(hidden, lm_head_weight).itemsize
