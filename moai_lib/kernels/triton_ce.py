@@ -162,7 +162,10 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first:
         torch.addmm(acc, a, b, beta=0 if first else 1, out_dtype=torch.float32, out=acc)
     elif a.is_cuda:  # a bf16 product rounded once per chunk, as autograd does in the torch path
         prod = a @ b
-        acc.copy_(prod) if first else acc.add_(prod)
+        if first:
+            acc.copy_(prod)
+        else:
+            acc.add_(prod)
     else:  # CPU (Triton's interpreter, tests): exact fp32 products
         torch.addmm(acc, a.float(), b.float(), beta=0 if first else 1, out=acc)
 
