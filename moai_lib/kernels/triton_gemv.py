@@ -76,13 +76,16 @@ def default_config(kind: str, m: int, n: int, k: int, device: torch.device) -> G
     columns (4 KiB of weight per program and iteration, 32 B per thread at 4 warps), split along K until there
     are ~4 programs per SM (enough loads in flight per SM to cover HBM latency)."""
     block_n = 16
-    block_k = 512 if kind == "int4" else 256
-    block_k = min(block_k, max(32, triton.next_power_of_2(k)))
-    programs_n = triton.cdiv(n, block_n)
+    block_k = min(512 if kind == "int4" else 256, max(32, triton.next_power_of_2(k)))
+    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k_for(n, k, block_n, block_k, device),
+                      num_warps=4)
+
+
+def split_k_for(n: int, k: int, block_n: int, block_k: int, device: torch.device, per_sm: int = 4) -> int:
+    """Programs along K so that there are ~`per_sm` programs per SM (1 when N alone gives that many)."""
     k_tiles = triton.cdiv(k, block_k)
-    split = max(1, min(k_tiles, round(4 * _sm_count(device) / programs_n)))
-    split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty split
-    return GemvConfig(block_n=block_n, block_k=block_k, split_k=split, num_warps=4)
+    split = max(1, min(k_tiles, round(per_sm * _sm_count(device) / triton.cdiv(n, block_n))))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty split
 
 
 # ---------------------------------------------------------------------------------------------------------
