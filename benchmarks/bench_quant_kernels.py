@@ -18,7 +18,8 @@ bf16 scales-and-offsets once the uint8 copy is released) / time. On CUDA each va
 20 calls, so launch overhead (a few µs per kernel, more than the INT4 floor) is excluded; on CPU with plain calls.
 
 `--sweep` (CUDA): the Triton GEMVs at 1 token over a grid of launch shapes (rows per program × columns per tile ×
-split-K × warps) per layer, against the default (`triton_gemv.default_config`); prints the best per layer.
+split-K × warps × INT4 nibble layout) per layer, against the default (`triton_gemv.default_config`); prints the
+best per layer.
 """
 
 from __future__ import annotations
@@ -120,11 +121,12 @@ def sweep(linear: nn.Linear, name: str) -> list[dict]:
         ref = ref_fn(x)
         default = G.default_config("int4" if kind.startswith("int4") else "fp8", 1, n, k, x.device)
         configs = {default}
-        for block_n, block_k, warps in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)):
+        layouts = ("join", "planes") if kind.startswith("int4") else ("join",)  # FP8 has no nibble layout
+        for block_n, block_k, warps, layout in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), layouts):
             split = G.split_k_for(n, k, block_n, block_k, x.device)  # the default rule for this tile
             for s in sorted({1, split, 2 * split}):
-                configs.add(G.GemvConfig(block_n, block_k, s, warps))
-        for cfg in sorted(configs, key=lambda c: (c.block_n, c.block_k, c.split_k, c.num_warps)):
+                configs.add(G.GemvConfig(block_n, block_k, s, warps, layout))
+        for cfg in sorted(configs, key=lambda c: (c.int4_layout, c.block_n, c.block_k, c.split_k, c.num_warps)):
             if cfg.split_k > -(-k // cfg.block_k):
                 continue
             try:

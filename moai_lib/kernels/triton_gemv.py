@@ -56,12 +56,13 @@ _TWO_23 = 8388608.0
 class GemvConfig:
     """Launch shape. block_n: output rows per program; block_k: input columns per tile (a power of two; for INT4
     a multiple or divisor of the group size); split_k: programs along K (> 1 adds the partial-sum kernel);
-    num_warps: warps per program."""
+    num_warps: warps per program; int4_layout: how the 8 nibbles of a word meet their x values (both exact)."""
 
     block_n: int = 16
     block_k: int = 512
     split_k: int = 1
     num_warps: int = 4
+    int4_layout: str = "join"  # INT4: "join" (nibbles interleaved in registers) or "planes" (x read at stride 8)
 
 
 @functools.cache
@@ -100,11 +101,10 @@ def _nibble(words, SHIFT: tl.constexpr, zb, s):
 
 
 @triton.jit
-def _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr,
-               GPT: tl.constexpr):
-    """Dequantized tile Ŵ[rows, kt·BLOCK_K : (kt+1)·BLOCK_K] (BLOCK_N, BLOCK_K) fp32 (zeros where masked).
-    The tile is GPT groups (or part of one) of GS columns = GS/8 int32 words each."""
+def _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
+                GROUP: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr):
+    """The packed tile of columns kt·BLOCK_K : (kt+1)·BLOCK_K: (words (BLOCK_N, GPT, GS/8) int32, 2^23 + z and s
+    (BLOCK_N, GPT, 1) fp32): GPT groups (or part of one) of GS columns each; zeros where masked."""
     GW: tl.constexpr = GS // 8
     g = tl.arange(0, GPT)
     wi = tl.arange(0, GW)
@@ -116,8 +116,16 @@ def _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn,
     gmask = row_mask[:, None] & (grp < n_groups)[None, :]
     s = tl.load(s_ptr + rows[:, None] * s_sn + grp[None, :], mask=gmask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + rows[:, None] * s_zn + grp[None, :], mask=gmask, other=0).to(tl.float32)
-    zb = (z + 8388608.0)[:, :, None]
-    s = s[:, :, None]
+    return words, (z + 8388608.0)[:, :, None], s[:, :, None]
+
+
+@triton.jit
+def _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
+               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr,
+               GPT: tl.constexpr):
+    """Dequantized tile Ŵ[rows, kt·BLOCK_K : (kt+1)·BLOCK_K] (BLOCK_N, BLOCK_K) fp32 (zeros where masked)."""
+    words, zb, s = _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
+                               GROUP, BLOCK_K, GS, GPT)
     # Nibble i of word w is column 8w + i: join the eight (BLOCK_N, GPT, GW) planes so that the flattened
     # (…, 2, 2, 2) index 4a + 2b + c is nibble 4a + 2b + c (the outermost join's operand is the last index).
     lo = tl.join(tl.join(_nibble(words, 0, zb, s), _nibble(words, 16, zb, s)),
@@ -131,7 +139,7 @@ def _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn,
 def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, n_groups, tiles_per_split, s_xm, s_wn, s_sn, s_zn, s_om, s_os,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, JOIN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr,
 ):
     # x: (M, K); w: (N, K/8) int32 words; s, z: (N, K/g); out: (M, N), or (SPLIT_K, M, N) fp32 partials.
@@ -143,17 +151,47 @@ def _int4_gemv_kernel(
     m_idx = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    GW: tl.constexpr = GS // 8
+    # (GPT, GW): the column of nibble 0 of each word in the tile (the "planes" layout reads x at +0..7 from it)
+    col8 = tl.arange(0, GPT)[:, None] * GS + 8 * tl.arange(0, GW)[None, :]
     for t in range(tiles_per_split):
         kt = pid_k * tiles_per_split + t
         if kt < k_tiles:
-            w = _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                           GROUP, BLOCK_N, BLOCK_K, GS, GPT)
-            k = kt * BLOCK_K + cols
-            for m in tl.static_range(BLOCK_M):
-                k_end = tl.where(m < M, K, 0)  # rows of the power-of-two BLOCK_M beyond M read nothing
-                x = tl.load(x_ptr + m * s_xm + k, mask=k < k_end, other=0.0).to(tl.float32)
-                part = tl.sum(w * x[None, :], axis=1)  # (BLOCK_N,)
-                acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
+            if JOIN:  # dequantize into column order, read x contiguously
+                w = _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
+                               GROUP, BLOCK_N, BLOCK_K, GS, GPT)
+                k = kt * BLOCK_K + cols
+                for m in tl.static_range(BLOCK_M):
+                    k_end = tl.where(m < M, K, 0)  # rows of the power-of-two BLOCK_M beyond M read nothing
+                    x = tl.load(x_ptr + m * s_xm + k, mask=k < k_end, other=0.0).to(tl.float32)
+                    part = tl.sum(w * x[None, :], axis=1)  # (BLOCK_N,)
+                    acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
+            else:  # eight nibble planes, each against x at stride 8 (no in-register interleave)
+                words, zb, s = _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn,
+                                           s_zn, GROUP, BLOCK_K, GS, GPT)
+                p0 = _nibble(words, 0, zb, s)
+                p1 = _nibble(words, 4, zb, s)
+                p2 = _nibble(words, 8, zb, s)
+                p3 = _nibble(words, 12, zb, s)
+                p4 = _nibble(words, 16, zb, s)
+                p5 = _nibble(words, 20, zb, s)
+                p6 = _nibble(words, 24, zb, s)
+                p7 = _nibble(words, 28, zb, s)
+                k = kt * BLOCK_K + col8
+                for m in tl.static_range(BLOCK_M):
+                    k_end = tl.where(m < M, K, 0)
+                    xp = x_ptr + m * s_xm + k
+                    msk = k < k_end
+                    prod = p0 * tl.load(xp, mask=msk, other=0.0).to(tl.float32)[None]
+                    prod += p1 * tl.load(xp + 1, mask=msk, other=0.0).to(tl.float32)[None]
+                    prod += p2 * tl.load(xp + 2, mask=msk, other=0.0).to(tl.float32)[None]
+                    prod += p3 * tl.load(xp + 3, mask=msk, other=0.0).to(tl.float32)[None]
+                    prod += p4 * tl.load(xp + 4, mask=msk, other=0.0).to(tl.float32)[None]
+                    prod += p5 * tl.load(xp + 5, mask=msk, other=0.0).to(tl.float32)[None]
+                    prod += p6 * tl.load(xp + 6, mask=msk, other=0.0).to(tl.float32)[None]
+                    prod += p7 * tl.load(xp + 7, mask=msk, other=0.0).to(tl.float32)[None]
+                    part = tl.sum(tl.sum(prod, axis=2), axis=1)
+                    acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
     _store(acc, b_ptr, out_ptr, rows, row_mask, m_idx, M, pid_k, s_om, s_os, HAS_BIAS, PARTIAL)
 
 
@@ -197,7 +235,7 @@ def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, s_wn, s_s
              mask=row_mask[:, None] & (k < K)[None, :])
 
 
-def _check_int4(qweight, scales, zeros, group_size: int, block_k: int) -> tuple[int, int]:
+def _check_int4(qweight, scales, zeros, group_size: int, block_k: int, layout: str = "join") -> tuple[int, int]:
     n, half_k = qweight.shape
     k = 2 * half_k
     if qweight.dtype != torch.uint8 or group_size not in INT4_GROUP_SIZES or k % group_size:
@@ -206,8 +244,9 @@ def _check_int4(qweight, scales, zeros, group_size: int, block_k: int) -> tuple[
     if scales.shape != (n, k // group_size) or zeros.shape != scales.shape:
         raise ValueError(f"int4 GEMV: scales/zeros must be (N, K/g) = {(n, k // group_size)}, got "
                          f"{tuple(scales.shape)} / {tuple(zeros.shape)}")
-    if block_k & (block_k - 1) or block_k < 8:
-        raise ValueError(f"int4 GEMV: block_k must be a power of two ≥ 8, got {block_k}")
+    if block_k & (block_k - 1) or block_k < 8 or layout not in ("join", "planes"):
+        raise ValueError(f"int4 GEMV: block_k must be a power of two ≥ 8 and the layout 'join' or 'planes', got "
+                         f"{block_k}, {layout!r}")
     return n, k
 
 
@@ -232,7 +271,7 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     (N, K/g), zeros (N, K/g) uint8, bias (N,) or None → y (M, N) in x's dtype (fp32 accumulation)."""
     m = x.shape[0]
     cfg = config or default_config("int4", m, qweight.shape[0], 2 * qweight.shape[1], x.device)
-    n, k = _check_int4(qweight, scales, zeros, group_size, cfg.block_k)
+    n, k = _check_int4(qweight, scales, zeros, group_size, cfg.block_k, cfg.int4_layout)
     if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= GEMV_MAX_ROWS:
         raise ValueError(f"int4 GEMV: x must be (M ≤ {GEMV_MAX_ROWS}, {k}), got {tuple(x.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -249,8 +288,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
             m, n, k, k // group_size, tiles_per_split, x.stride(0), k // 8, scales.stride(0), zeros.stride(0),
             n, m * n,
             GROUP=group_size, HAS_BIAS=bias is not None and partial is None, PARTIAL=partial is not None,
-            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GS=gs,
-            GPT=cfg.block_k // gs, num_warps=cfg.num_warps)
+            JOIN=cfg.int4_layout == "join", BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, GS=gs, GPT=cfg.block_k // gs, num_warps=cfg.num_warps)
         _finish(partial, out, bias, split_k)
     return out
 

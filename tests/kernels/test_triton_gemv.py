@@ -28,7 +28,8 @@ from test_triton_kernels import _import_kernels_only, _interpreter_problem  # no
 ULP = {"bfloat16": 2 ** -7, "float16": 2 ** -10, "float32": 0.0}
 SUM_ORDER = 1e-5  # fp32 summation-order slack, relative to Σ|x|·|Ŵ|
 
-# (K, N, M, group, symmetric, bias, dtype, config (block_n, block_k, split_k, num_warps) or None = default)
+# (K, N, M, group, symmetric, bias, dtype, GemvConfig fields (block_n, block_k, split_k, num_warps[, int4_layout])
+# or None = default)
 INT4_CASES = {
     "k64_n96_m1_g32_asym_bias": (64, 96, 1, 32, False, True, "bfloat16", None),
     "k64_n96_m3_g32_sym": (64, 96, 3, 32, True, False, "bfloat16", None),
@@ -38,6 +39,9 @@ INT4_CASES = {
     "k256_n96_m1_g128_asym_fp16": (256, 96, 1, 128, False, True, "float16", (16, 256, 2, 4)),
     "k256_n96_m3_g64_asym_fp32_exact": (256, 96, 3, 64, False, True, "float32", (16, 128, 1, 4)),
     "k256_n96_m16_g32_sym": (256, 96, 16, 32, True, False, "bfloat16", None),
+    # The "planes" INT4 layout (x read at stride 8 instead of interleaving the nibbles in registers).
+    "planes_k256_n96_m3_g64_asym_bias_split2": (256, 96, 3, 64, False, True, "bfloat16", (16, 128, 2, 4, "planes")),
+    "planes_k256_n40_m1_g128_sym_tile_in_group": (256, 40, 1, 128, True, False, "float32", (64, 64, 1, 4, "planes")),
 }
 FP8_CASES = {
     "k64_n96_m1_bias": (64, 96, 1, True, "bfloat16", None),
