@@ -122,7 +122,9 @@ def sweep(linear: nn.Linear, name: str) -> list[dict]:
         default = G.default_config("int4" if kind.startswith("int4") else "fp8", 1, n, k, x.device)
         configs = {default}
         layouts = ("join", "planes") if kind.startswith("int4") else ("join",)  # FP8 has no nibble layout
-        for block_n, block_k, warps, layout in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), layouts):
+        shapes = [(bn, bk, 4) for bn, bk in itertools.product((8, 16, 32), (256, 512, 1024))]
+        shapes += [(16, 512, 8), (32, 512, 8), (32, 1024, 8)]  # 8 warps only for the larger tiles
+        for (block_n, block_k, warps), layout in itertools.product(shapes, layouts):
             split = G.split_k_for(n, k, block_n, block_k, x.device)  # the default rule for this tile
             for s in sorted({1, split, 2 * split}):
                 configs.add(G.GemvConfig(block_n, block_k, s, warps, layout))
