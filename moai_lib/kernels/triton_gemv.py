@@ -101,16 +101,29 @@ def _nibble(words, SHIFT: tl.constexpr, zb, s):
 
 
 @triton.jit
+def _load_x(ptrs, mask, EVEN_K: tl.constexpr):
+    """x values in fp32; masked (zero past K) only when K is not a multiple of the tile."""
+    if EVEN_K:
+        return tl.load(ptrs).to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                GROUP: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr):
+                GROUP: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr,
+                EVEN_K: tl.constexpr):
     """The packed tile of columns kt·BLOCK_K : (kt+1)·BLOCK_K: (words (BLOCK_N, GPT, GS/8) int32, 2^23 + z and s
     (BLOCK_N, GPT, 1) fp32): GPT groups (or part of one) of GS columns each; zeros where masked."""
     GW: tl.constexpr = GS // 8
     g = tl.arange(0, GPT)
     wi = tl.arange(0, GW)
     k0 = kt * BLOCK_K
-    word = k0 // 8 + g[:, None] * GW + wi[None, :]  # (GPT, GW) word index along the row
-    mask = row_mask[:, None, None] & (word < K // 8)[None, :, :]
+    word = kt * (BLOCK_K // 8) + g[:, None] * GW + wi[None, :]  # (GPT, GW) word index along the row
+    if EVEN_K:  # no column mask: a mask constant along the row keeps the loads 16-byte vectors
+        mask = row_mask[:, None, None]
+    else:
+        mask = row_mask[:, None, None] & (word < K // 8)[None, :, :]
     words = tl.load(w_ptr + rows[:, None, None] * s_wn + word[None, :, :], mask=mask, other=0)
     grp = (k0 + g * GS) // GROUP  # (GPT,)
     gmask = row_mask[:, None] & (grp < n_groups)[None, :]
@@ -122,10 +135,10 @@ def _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn
 @triton.jit
 def _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
                GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr,
-               GPT: tl.constexpr):
+               GPT: tl.constexpr, EVEN_K: tl.constexpr):
     """Dequantized tile Ŵ[rows, kt·BLOCK_K : (kt+1)·BLOCK_K] (BLOCK_N, BLOCK_K) fp32 (zeros where masked)."""
     words, zb, s = _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                               GROUP, BLOCK_K, GS, GPT)
+                               GROUP, BLOCK_K, GS, GPT, EVEN_K)
     # Nibble i of word w is column 8w + i: join the eight (BLOCK_N, GPT, GW) planes so that the flattened
     # (…, 2, 2, 2) index 4a + 2b + c is nibble 4a + 2b + c (the outermost join's operand is the last index).
     lo = tl.join(tl.join(_nibble(words, 0, zb, s), _nibble(words, 16, zb, s)),
@@ -139,7 +152,7 @@ def _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn,
 def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, n_groups, tiles_per_split, s_xm, s_wn, s_sn, s_zn, s_om, s_os,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, JOIN: tl.constexpr,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, JOIN: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr,
 ):
     # x: (M, K); w: (N, K/8) int32 words; s, z: (N, K/g); out: (M, N), or (SPLIT_K, M, N) fp32 partials.
@@ -154,44 +167,43 @@ def _int4_gemv_kernel(
     GW: tl.constexpr = GS // 8
     # (GPT, GW): the column of nibble 0 of each word in the tile (the "planes" layout reads x at +0..7 from it)
     col8 = tl.arange(0, GPT)[:, None] * GS + 8 * tl.arange(0, GW)[None, :]
-    for t in range(tiles_per_split):
-        kt = pid_k * tiles_per_split + t
-        if kt < k_tiles:
-            if JOIN:  # dequantize into column order, read x contiguously
-                w = _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                               GROUP, BLOCK_N, BLOCK_K, GS, GPT)
-                k = kt * BLOCK_K + cols
-                for m in tl.static_range(BLOCK_M):
-                    k_end = tl.where(m < M, K, 0)  # rows of the power-of-two BLOCK_M beyond M read nothing
-                    x = tl.load(x_ptr + m * s_xm + k, mask=k < k_end, other=0.0).to(tl.float32)
-                    part = tl.sum(w * x[None, :], axis=1)  # (BLOCK_N,)
-                    acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
-            else:  # eight nibble planes, each against x at stride 8 (no in-register interleave)
-                words, zb, s = _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn,
-                                           s_zn, GROUP, BLOCK_K, GS, GPT)
-                p0 = _nibble(words, 0, zb, s)
-                p1 = _nibble(words, 4, zb, s)
-                p2 = _nibble(words, 8, zb, s)
-                p3 = _nibble(words, 12, zb, s)
-                p4 = _nibble(words, 16, zb, s)
-                p5 = _nibble(words, 20, zb, s)
-                p6 = _nibble(words, 24, zb, s)
-                p7 = _nibble(words, 28, zb, s)
-                k = kt * BLOCK_K + col8
-                for m in tl.static_range(BLOCK_M):
-                    k_end = tl.where(m < M, K, 0)
-                    xp = x_ptr + m * s_xm + k
-                    msk = k < k_end
-                    prod = p0 * tl.load(xp, mask=msk, other=0.0).to(tl.float32)[None]
-                    prod += p1 * tl.load(xp + 1, mask=msk, other=0.0).to(tl.float32)[None]
-                    prod += p2 * tl.load(xp + 2, mask=msk, other=0.0).to(tl.float32)[None]
-                    prod += p3 * tl.load(xp + 3, mask=msk, other=0.0).to(tl.float32)[None]
-                    prod += p4 * tl.load(xp + 4, mask=msk, other=0.0).to(tl.float32)[None]
-                    prod += p5 * tl.load(xp + 5, mask=msk, other=0.0).to(tl.float32)[None]
-                    prod += p6 * tl.load(xp + 6, mask=msk, other=0.0).to(tl.float32)[None]
-                    prod += p7 * tl.load(xp + 7, mask=msk, other=0.0).to(tl.float32)[None]
-                    part = tl.sum(tl.sum(prod, axis=2), axis=1)
-                    acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
+    first = pid_k * tiles_per_split
+    for kt in range(first, tl.minimum(first + tiles_per_split, k_tiles)):
+        if JOIN:  # dequantize into column order, read x contiguously
+            w = _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
+                           GROUP, BLOCK_N, BLOCK_K, GS, GPT, EVEN_K)
+            k = kt * BLOCK_K + cols
+            for m in tl.static_range(BLOCK_M):
+                # Rows of the power-of-two BLOCK_M beyond M re-read row M − 1; the store drops them.
+                xp = x_ptr + tl.minimum(m, M - 1) * s_xm + k
+                x = _load_x(xp, k < K, EVEN_K)
+                part = tl.sum(w * x[None, :], axis=1)  # (BLOCK_N,)
+                acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
+        else:  # eight nibble planes, each against x at stride 8 (no in-register interleave)
+            words, zb, s = _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn,
+                                       s_zn, GROUP, BLOCK_K, GS, GPT, EVEN_K)
+            p0 = _nibble(words, 0, zb, s)
+            p1 = _nibble(words, 4, zb, s)
+            p2 = _nibble(words, 8, zb, s)
+            p3 = _nibble(words, 12, zb, s)
+            p4 = _nibble(words, 16, zb, s)
+            p5 = _nibble(words, 20, zb, s)
+            p6 = _nibble(words, 24, zb, s)
+            p7 = _nibble(words, 28, zb, s)
+            k = kt * BLOCK_K + col8
+            for m in tl.static_range(BLOCK_M):
+                xp = x_ptr + tl.minimum(m, M - 1) * s_xm + k
+                msk = k < K
+                prod = p0 * _load_x(xp, msk, EVEN_K)[None]
+                prod += p1 * _load_x(xp + 1, msk, EVEN_K)[None]
+                prod += p2 * _load_x(xp + 2, msk, EVEN_K)[None]
+                prod += p3 * _load_x(xp + 3, msk, EVEN_K)[None]
+                prod += p4 * _load_x(xp + 4, msk, EVEN_K)[None]
+                prod += p5 * _load_x(xp + 5, msk, EVEN_K)[None]
+                prod += p6 * _load_x(xp + 6, msk, EVEN_K)[None]
+                prod += p7 * _load_x(xp + 7, msk, EVEN_K)[None]
+                part = tl.sum(tl.sum(prod, axis=2), axis=1)
+                acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
     _store(acc, b_ptr, out_ptr, rows, row_mask, m_idx, M, pid_k, s_om, s_os, HAS_BIAS, PARTIAL)
 
 
@@ -224,12 +236,12 @@ def _split_k_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, 
 @triton.jit
 def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, s_wn, s_sn, s_zn, s_on,
                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr,
-                         GPT: tl.constexpr):
+                         GPT: tl.constexpr, EVEN_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     kt = tl.program_id(1)
     w = _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                   GROUP, BLOCK_N, BLOCK_K, GS, GPT)
+                   GROUP, BLOCK_N, BLOCK_K, GS, GPT, EVEN_K)
     k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * s_on + k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=row_mask[:, None] & (k < K)[None, :])
@@ -288,8 +300,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
             m, n, k, k // group_size, tiles_per_split, x.stride(0), k // 8, scales.stride(0), zeros.stride(0),
             n, m * n,
             GROUP=group_size, HAS_BIAS=bias is not None and partial is None, PARTIAL=partial is not None,
-            JOIN=cfg.int4_layout == "join", BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, GS=gs, GPT=cfg.block_k // gs, num_warps=cfg.num_warps)
+            JOIN=cfg.int4_layout == "join", EVEN_K=k % cfg.block_k == 0, BLOCK_M=triton.next_power_of_2(m),
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GS=gs, GPT=cfg.block_k // gs, num_warps=cfg.num_warps)
         _finish(partial, out, bias, split_k)
     return out
 
@@ -305,7 +317,8 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     with _on_device(qweight):
         _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
             _words(qweight), scales, zeros, out, n, k, k // group_size, k // 8, scales.stride(0), zeros.stride(0),
-            k, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, GS=gs, GPT=block_k // gs, num_warps=4)
+            k, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, GS=gs, GPT=block_k // gs, EVEN_K=k % block_k == 0,
+            num_warps=4)
     return out
 
 
@@ -328,7 +341,7 @@ def int4_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
     M, N, K, tiles_per_split, s_xm, s_wn, s_om, s_os,
-    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # x: (M, K); w: (N, K) uint8 E4M3 bits; ws: (N,) fp32 row scales; out as in the INT4 kernel.
@@ -340,19 +353,20 @@ def _fp8_gemv_kernel(
     m_idx = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for t in range(tiles_per_split):
-        kt = pid_k * tiles_per_split + t
-        if kt < k_tiles:
-            k = kt * BLOCK_K + cols
-            kmask = k < K
-            bits = tl.load(w_ptr + rows[:, None] * s_wn + k[None, :], mask=row_mask[:, None] & kmask[None, :],
-                           other=0)
-            w = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            for m in tl.static_range(BLOCK_M):
-                k_end = tl.where(m < M, K, 0)
-                x = tl.load(x_ptr + m * s_xm + k, mask=k < k_end, other=0.0).to(tl.float32)
-                part = tl.sum(w * x[None, :], axis=1)
-                acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
+    first = pid_k * tiles_per_split
+    for kt in range(first, tl.minimum(first + tiles_per_split, k_tiles)):
+        k = kt * BLOCK_K + cols
+        kmask = k < K
+        wp = w_ptr + rows[:, None] * s_wn + k[None, :]
+        if EVEN_K:  # a mask constant along the row keeps the loads 16-byte vectors
+            bits = tl.load(wp, mask=row_mask[:, None], other=0)
+        else:
+            bits = tl.load(wp, mask=row_mask[:, None] & kmask[None, :], other=0)
+        w = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            x = _load_x(x_ptr + tl.minimum(m, M - 1) * s_xm + k, kmask, EVEN_K)
+            part = tl.sum(w * x[None, :], axis=1)
+            acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
     # The row scale is applied once per output (scale · Σ e4m3·x), including to split-K partials (linear).
     acc *= tl.load(ws_ptr + rows, mask=row_mask, other=0.0)[None, :]
     _store(acc, b_ptr, out_ptr, rows, row_mask, m_idx, M, pid_k, s_om, s_os, HAS_BIAS, PARTIAL)
@@ -382,7 +396,7 @@ def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
             x, qweight, weight_scale.reshape(n).float(), bias if bias is not None else out,
             partial if partial is not None else out,
             m, n, k, tiles_per_split, x.stride(0), k, n, m * n,
-            HAS_BIAS=bias is not None and partial is None, PARTIAL=partial is not None,
+            HAS_BIAS=bias is not None and partial is None, PARTIAL=partial is not None, EVEN_K=k % cfg.block_k == 0,
             BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
         _finish(partial, out, bias, split_k)
     return out

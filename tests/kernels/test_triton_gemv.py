@@ -40,6 +40,9 @@ INT4_CASES = {
     "k256_n96_m1_g128_asym_fp16": (256, 96, 1, 128, False, True, "float16", (16, 256, 2, 4)),
     "k256_n96_m3_g64_asym_fp32_exact": (256, 96, 3, 64, False, True, "float32", (32, 128, 1, 4)),
     "k256_n96_m16_g32_sym": (256, 96, 16, 32, True, False, "bfloat16", None),
+    # K not a multiple of the tile: masked columns in the last tile (K = 320 = 2.5 tiles of 128; K < one tile).
+    "k320_n96_m3_g64_asym_bias_ragged_k_split2": (320, 96, 3, 64, False, True, "bfloat16", (32, 128, 2, 4)),
+    "k256_n40_m1_g64_sym_tile_past_k": (256, 40, 1, 64, True, False, "float32", (64, 512, 1, 4)),
     # The "planes" INT4 layout (x read at stride 8 instead of interleaving the nibbles in registers).
     "planes_k256_n96_m3_g64_asym_bias_split2": (256, 96, 3, 64, False, True, "bfloat16", (32, 128, 2, 4, "planes")),
     "planes_k256_n40_m1_g128_sym_tile_in_group": (256, 40, 1, 128, True, False, "float32", (64, 64, 1, 4, "planes")),
@@ -49,6 +52,7 @@ FP8_CASES = {
     "k256_n96_m3_split3": (256, 96, 3, False, "bfloat16", (16, 64, 3, 4)),
     "k256_n40_m3_bias_ragged_rows": (256, 40, 3, True, "bfloat16", (64, 128, 1, 4)),
     "k256_n96_m3_fp32_exact": (256, 96, 3, True, "float32", (16, 64, 2, 4)),
+    "k320_n40_m2_ragged_k_split2": (320, 40, 2, True, "bfloat16", (64, 128, 2, 4)),
 }
 
 
