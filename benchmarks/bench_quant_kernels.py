@@ -18,13 +18,14 @@ bf16 scales-and-offsets once the uint8 copy is released) / time. On CUDA each va
 20 calls, so launch overhead (a few µs per kernel, more than the INT4 floor) is excluded; on CPU with plain calls.
 
 `--sweep` (CUDA): the Triton GEMVs at 1 token over a grid of launch shapes (rows per program × columns per tile ×
-split-K × warps × INT4 nibble layout) per layer, against the default (`triton_gemv.default_config`); prints the
-best per layer.
+split-K × warps × INT4 nibble layout, and the default without its register prefetch) per layer, against the default
+(`triton_gemv.default_config`); prints the best per layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -128,7 +129,9 @@ def sweep(linear: nn.Linear, name: str) -> list[dict]:
             split = G.split_k_for(n, k, block_n, block_k, x.device)  # the default rule for this tile
             for s in sorted({1, split, 2 * split}):
                 configs.add(G.GemvConfig(block_n, block_k, s, warps, layout))
-        for cfg in sorted(configs, key=lambda c: (c.int4_layout, c.block_n, c.block_k, c.split_k, c.num_warps)):
+        configs.add(dataclasses.replace(default, prefetch=False))  # what the register prefetch buys
+        for cfg in sorted(configs, key=lambda c: (c.int4_layout, c.block_n, c.block_k, c.split_k, c.num_warps,
+                                                  c.prefetch)):
             if cfg.split_k > -(-k // cfg.block_k):
                 continue
             try:

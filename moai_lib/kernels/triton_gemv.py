@@ -56,13 +56,15 @@ _TWO_23 = 8388608.0
 class GemvConfig:
     """Launch shape. block_n: output rows per program; block_k: input columns per tile (a power of two; for INT4
     a multiple or divisor of the group size); split_k: programs along K (> 1 adds the partial-sum kernel);
-    num_warps: warps per program; int4_layout: how the 8 nibbles of a word meet their x values (both exact)."""
+    num_warps: warps per program; int4_layout: how the 8 nibbles of a word meet their x values (both exact);
+    prefetch: double-buffer the weight tiles in registers."""
 
     block_n: int = 16
     block_k: int = 512
     split_k: int = 1
     num_warps: int = 4
     int4_layout: str = "join"  # INT4: "join" (nibbles interleaved in registers) or "planes" (x read at stride 8)
+    prefetch: bool = True  # load tile k+1 before using tile k (Triton pipelines only loads that feed tl.dot)
 
 
 @functools.cache
@@ -110,35 +112,33 @@ def _load_x(ptrs, mask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                GROUP: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr,
-                EVEN_K: tl.constexpr):
-    """The packed tile of columns kt·BLOCK_K : (kt+1)·BLOCK_K: (words (BLOCK_N, GPT, GS/8) int32, 2^23 + z and s
-    (BLOCK_N, GPT, 1) fp32): GPT groups (or part of one) of GS columns each; zeros where masked."""
+def _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
+               GROUP: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr,
+               EVEN_K: tl.constexpr):
+    """The packed tile of columns kt·BLOCK_K : (kt+1)·BLOCK_K, as loaded: words (BLOCK_N, GPT, GS/8) int32, scales
+    and zeros (BLOCK_N, GPT) in their storage dtypes; GPT groups (or part of one) of GS columns; zeros where masked
+    (a row_mask of all False loads nothing)."""
     GW: tl.constexpr = GS // 8
     g = tl.arange(0, GPT)
     wi = tl.arange(0, GW)
-    k0 = kt * BLOCK_K
     word = kt * (BLOCK_K // 8) + g[:, None] * GW + wi[None, :]  # (GPT, GW) word index along the row
     if EVEN_K:  # no column mask: a mask constant along the row keeps the loads 16-byte vectors
         mask = row_mask[:, None, None]
     else:
         mask = row_mask[:, None, None] & (word < K // 8)[None, :, :]
     words = tl.load(w_ptr + rows[:, None, None] * s_wn + word[None, :, :], mask=mask, other=0)
-    grp = (k0 + g * GS) // GROUP  # (GPT,)
+    grp = (kt * BLOCK_K + g * GS) // GROUP  # (GPT,)
     gmask = row_mask[:, None] & (grp < n_groups)[None, :]
-    s = tl.load(s_ptr + rows[:, None] * s_sn + grp[None, :], mask=gmask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + rows[:, None] * s_zn + grp[None, :], mask=gmask, other=0).to(tl.float32)
-    return words, (z + 8388608.0)[:, :, None], s[:, :, None]
+    s = tl.load(s_ptr + rows[:, None] * s_sn + grp[None, :], mask=gmask, other=0.0)
+    z = tl.load(z_ptr + rows[:, None] * s_zn + grp[None, :], mask=gmask, other=0)
+    return words, s, z
 
 
 @triton.jit
-def _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr,
-               GPT: tl.constexpr, EVEN_K: tl.constexpr):
-    """Dequantized tile Ŵ[rows, kt·BLOCK_K : (kt+1)·BLOCK_K] (BLOCK_N, BLOCK_K) fp32 (zeros where masked)."""
-    words, zb, s = _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                               GROUP, BLOCK_K, GS, GPT, EVEN_K)
+def _int4_tile(words, s, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dequantized tile (BLOCK_N, BLOCK_K) fp32 in column order from `_int4_load`'s words, scales and zeros."""
+    zb = (z.to(tl.float32) + 8388608.0)[:, :, None]
+    s = s.to(tl.float32)[:, :, None]
     # Nibble i of word w is column 8w + i: join the eight (BLOCK_N, GPT, GW) planes so that the flattened
     # (…, 2, 2, 2) index 4a + 2b + c is nibble 4a + 2b + c (the outermost join's operand is the last index).
     lo = tl.join(tl.join(_nibble(words, 0, zb, s), _nibble(words, 16, zb, s)),
@@ -153,6 +153,7 @@ def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, n_groups, tiles_per_split, s_xm, s_wn, s_sn, s_zn, s_om, s_os,
     GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, JOIN: tl.constexpr, EVEN_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr,
 ):
     # x: (M, K); w: (N, K/8) int32 words; s, z: (N, K/g); out: (M, N), or (SPLIT_K, M, N) fp32 partials.
@@ -162,34 +163,42 @@ def _int4_gemv_kernel(
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
     m_idx = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # rows first: the layout of the tile's row sums
     GW: tl.constexpr = GS // 8
     # (GPT, GW): the column of nibble 0 of each word in the tile (the "planes" layout reads x at +0..7 from it)
     col8 = tl.arange(0, GPT)[:, None] * GS + 8 * tl.arange(0, GW)[None, :]
     first = pid_k * tiles_per_split
-    for kt in range(first, tl.minimum(first + tiles_per_split, k_tiles)):
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    if PREFETCH:  # registers double-buffer the weight stream: tile kt+1 is in flight while tile kt is used
+        words, s, z = _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, first, K, n_groups, s_wn, s_sn, s_zn,
+                                 GROUP, BLOCK_K, GS, GPT, EVEN_K)
+    for kt in range(first, last):
+        if PREFETCH:
+            next_mask = rows < tl.where(kt + 1 < last, N, 0)  # past the split's last tile: load nothing
+            next_words, next_s, next_z = _int4_load(w_ptr, s_ptr, z_ptr, rows, next_mask, kt + 1, K, n_groups,
+                                                    s_wn, s_sn, s_zn, GROUP, BLOCK_K, GS, GPT, EVEN_K)
+        else:
+            words, s, z = _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
+                                     GROUP, BLOCK_K, GS, GPT, EVEN_K)
         if JOIN:  # dequantize into column order, read x contiguously
-            w = _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                           GROUP, BLOCK_N, BLOCK_K, GS, GPT, EVEN_K)
+            w = _int4_tile(words, s, z, BLOCK_N, BLOCK_K)
             k = kt * BLOCK_K + cols
             for m in tl.static_range(BLOCK_M):
                 # Rows of the power-of-two BLOCK_M beyond M re-read row M − 1; the store drops them.
-                xp = x_ptr + tl.minimum(m, M - 1) * s_xm + k
-                x = _load_x(xp, k < K, EVEN_K)
+                x = _load_x(x_ptr + tl.minimum(m, M - 1) * s_xm + k, k < K, EVEN_K)
                 part = tl.sum(w * x[None, :], axis=1)  # (BLOCK_N,)
-                acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
+                acc += tl.where(m_idx[None, :] == m, part[:, None], 0.0)
         else:  # eight nibble planes, each against x at stride 8 (no in-register interleave)
-            words, zb, s = _int4_words(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn,
-                                       s_zn, GROUP, BLOCK_K, GS, GPT, EVEN_K)
-            p0 = _nibble(words, 0, zb, s)
-            p1 = _nibble(words, 4, zb, s)
-            p2 = _nibble(words, 8, zb, s)
-            p3 = _nibble(words, 12, zb, s)
-            p4 = _nibble(words, 16, zb, s)
-            p5 = _nibble(words, 20, zb, s)
-            p6 = _nibble(words, 24, zb, s)
-            p7 = _nibble(words, 28, zb, s)
+            zb = (z.to(tl.float32) + 8388608.0)[:, :, None]
+            sf = s.to(tl.float32)[:, :, None]
+            p0 = _nibble(words, 0, zb, sf)
+            p1 = _nibble(words, 4, zb, sf)
+            p2 = _nibble(words, 8, zb, sf)
+            p3 = _nibble(words, 12, zb, sf)
+            p4 = _nibble(words, 16, zb, sf)
+            p5 = _nibble(words, 20, zb, sf)
+            p6 = _nibble(words, 24, zb, sf)
+            p7 = _nibble(words, 28, zb, sf)
             k = kt * BLOCK_K + col8
             for m in tl.static_range(BLOCK_M):
                 xp = x_ptr + tl.minimum(m, M - 1) * s_xm + k
@@ -203,20 +212,23 @@ def _int4_gemv_kernel(
                 prod += p6 * _load_x(xp + 6, msk, EVEN_K)[None]
                 prod += p7 * _load_x(xp + 7, msk, EVEN_K)[None]
                 part = tl.sum(tl.sum(prod, axis=2), axis=1)
-                acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
+                acc += tl.where(m_idx[None, :] == m, part[:, None], 0.0)
+        if PREFETCH:
+            words, s, z = next_words, next_s, next_z
     _store(acc, b_ptr, out_ptr, rows, row_mask, m_idx, M, pid_k, s_om, s_os, HAS_BIAS, PARTIAL)
 
 
 @triton.jit
 def _store(acc, b_ptr, out_ptr, rows, row_mask, m_idx, M, pid_k, s_om, s_os,
            HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
-    mask = (m_idx[:, None] < M) & row_mask[None, :]
+    # acc: (BLOCK_N, BLOCK_M) → out[m, rows] (or the split's partials).
+    mask = row_mask[:, None] & (m_idx[None, :] < M)
     if PARTIAL:
-        tl.store(out_ptr + pid_k * s_os + m_idx[:, None] * s_om + rows[None, :], acc, mask=mask)
+        tl.store(out_ptr + pid_k * s_os + m_idx[None, :] * s_om + rows[:, None], acc, mask=mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + m_idx[:, None] * s_om + rows[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + m_idx[None, :] * s_om + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -240,8 +252,9 @@ def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, s_wn, s_s
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     kt = tl.program_id(1)
-    w = _int4_tile(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                   GROUP, BLOCK_N, BLOCK_K, GS, GPT, EVEN_K)
+    words, s, z = _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
+                             GROUP, BLOCK_K, GS, GPT, EVEN_K)
+    w = _int4_tile(words, s, z, BLOCK_N, BLOCK_K)
     k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * s_on + k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=row_mask[:, None] & (k < K)[None, :])
@@ -300,7 +313,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
             m, n, k, k // group_size, tiles_per_split, x.stride(0), k // 8, scales.stride(0), zeros.stride(0),
             n, m * n,
             GROUP=group_size, HAS_BIAS=bias is not None and partial is None, PARTIAL=partial is not None,
-            JOIN=cfg.int4_layout == "join", EVEN_K=k % cfg.block_k == 0, BLOCK_M=triton.next_power_of_2(m),
+            JOIN=cfg.int4_layout == "join", EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch,
+            BLOCK_M=triton.next_power_of_2(m),
             BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GS=gs, GPT=cfg.block_k // gs, num_warps=cfg.num_warps)
         _finish(partial, out, bias, split_k)
     return out
@@ -338,10 +352,21 @@ def int4_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 
 @triton.jit
+def _fp8_load(w_ptr, rows, row_mask, kt, K, s_wn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """E4M3 bits (BLOCK_N, BLOCK_K) uint8 of columns kt·BLOCK_K : (kt+1)·BLOCK_K; zeros where masked."""
+    k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+    wp = w_ptr + rows[:, None] * s_wn + k[None, :]
+    if EVEN_K:  # a mask constant along the row keeps the loads 16-byte vectors
+        return tl.load(wp, mask=row_mask[:, None], other=0)
+    else:
+        return tl.load(wp, mask=row_mask[:, None] & (k < K)[None, :], other=0)
+
+
+@triton.jit
 def _fp8_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
     M, N, K, tiles_per_split, s_xm, s_wn, s_om, s_os,
-    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # x: (M, K); w: (N, K) uint8 E4M3 bits; ws: (N,) fp32 row scales; out as in the INT4 kernel.
@@ -351,24 +376,27 @@ def _fp8_gemv_kernel(
     row_mask = rows < N
     cols = tl.arange(0, BLOCK_K)
     m_idx = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # rows first: the layout of the tile's row sums
     first = pid_k * tiles_per_split
-    for kt in range(first, tl.minimum(first + tiles_per_split, k_tiles)):
-        k = kt * BLOCK_K + cols
-        kmask = k < K
-        wp = w_ptr + rows[:, None] * s_wn + k[None, :]
-        if EVEN_K:  # a mask constant along the row keeps the loads 16-byte vectors
-            bits = tl.load(wp, mask=row_mask[:, None], other=0)
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    if PREFETCH:
+        bits = _fp8_load(w_ptr, rows, row_mask, first, K, s_wn, BLOCK_K, EVEN_K)
+    for kt in range(first, last):
+        if PREFETCH:
+            next_mask = rows < tl.where(kt + 1 < last, N, 0)
+            next_bits = _fp8_load(w_ptr, rows, next_mask, kt + 1, K, s_wn, BLOCK_K, EVEN_K)
         else:
-            bits = tl.load(wp, mask=row_mask[:, None] & kmask[None, :], other=0)
+            bits = _fp8_load(w_ptr, rows, row_mask, kt, K, s_wn, BLOCK_K, EVEN_K)
         w = bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        k = kt * BLOCK_K + cols
         for m in tl.static_range(BLOCK_M):
-            x = _load_x(x_ptr + tl.minimum(m, M - 1) * s_xm + k, kmask, EVEN_K)
+            x = _load_x(x_ptr + tl.minimum(m, M - 1) * s_xm + k, k < K, EVEN_K)
             part = tl.sum(w * x[None, :], axis=1)
-            acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
+            acc += tl.where(m_idx[None, :] == m, part[:, None], 0.0)
+        if PREFETCH:
+            bits = next_bits
     # The row scale is applied once per output (scale · Σ e4m3·x), including to split-K partials (linear).
-    acc *= tl.load(ws_ptr + rows, mask=row_mask, other=0.0)[None, :]
+    acc *= tl.load(ws_ptr + rows, mask=row_mask, other=0.0)[:, None]
     _store(acc, b_ptr, out_ptr, rows, row_mask, m_idx, M, pid_k, s_om, s_os, HAS_BIAS, PARTIAL)
 
 
@@ -397,7 +425,8 @@ def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
             partial if partial is not None else out,
             m, n, k, tiles_per_split, x.stride(0), k, n, m * n,
             HAS_BIAS=bias is not None and partial is None, PARTIAL=partial is not None, EVEN_K=k % cfg.block_k == 0,
-            BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps)
+            PREFETCH=cfg.prefetch, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps)
         _finish(partial, out, bias, split_k)
     return out
 

@@ -29,8 +29,8 @@ from test_triton_kernels import _import_kernels_only, _interpreter_problem  # no
 ULP = {"bfloat16": 2 ** -7, "float16": 2 ** -10, "float32": 0.0}
 SUM_ORDER = 1e-5  # fp32 summation-order slack, relative to Σ|x|·|Ŵ|
 
-# (K, N, M, group, symmetric, bias, dtype, GemvConfig fields (block_n, block_k, split_k, num_warps[, int4_layout])
-# or None = default)
+# (K, N, M, group, symmetric, bias, dtype, GemvConfig fields (block_n, block_k, split_k, num_warps[, int4_layout,
+# prefetch]) or None = default)
 INT4_CASES = {
     "k64_n96_m1_g32_asym_bias": (64, 96, 1, 32, False, True, "bfloat16", None),
     "k64_n96_m3_g32_sym": (64, 96, 3, 32, True, False, "bfloat16", None),
@@ -43,6 +43,9 @@ INT4_CASES = {
     # K not a multiple of the tile: masked columns in the last tile (K = 320 = 2.5 tiles of 128; K < one tile).
     "k320_n96_m3_g64_asym_bias_ragged_k_split2": (320, 96, 3, 64, False, True, "bfloat16", (32, 128, 2, 4)),
     "k256_n40_m1_g64_sym_tile_past_k": (256, 40, 1, 64, True, False, "float32", (64, 512, 1, 4)),
+    # Without the register prefetch of the next tile.
+    "no_prefetch_k256_n96_m3_g64_asym_bias_split2": (256, 96, 3, 64, False, True, "bfloat16",
+                                                     (32, 64, 2, 4, "join", False)),
     # The "planes" INT4 layout (x read at stride 8 instead of interleaving the nibbles in registers).
     "planes_k256_n96_m3_g64_asym_bias_split2": (256, 96, 3, 64, False, True, "bfloat16", (32, 128, 2, 4, "planes")),
     "planes_k256_n40_m1_g128_sym_tile_in_group": (256, 40, 1, 128, True, False, "float32", (64, 64, 1, 4, "planes")),
@@ -53,6 +56,7 @@ FP8_CASES = {
     "k256_n40_m3_bias_ragged_rows": (256, 40, 3, True, "bfloat16", (64, 128, 1, 4)),
     "k256_n96_m3_fp32_exact": (256, 96, 3, True, "float32", (16, 64, 2, 4)),
     "k320_n40_m2_ragged_k_split2": (320, 40, 2, True, "bfloat16", (64, 128, 2, 4)),
+    "no_prefetch_k256_n96_m3_split2": (256, 96, 3, True, "bfloat16", (32, 64, 2, 4, "join", False)),
 }
 
 
