@@ -102,14 +102,14 @@ def variants(linear: nn.Linear, device: str, name: str) -> dict[str, nn.Module]:
     return {k: v for k, v in out.items() if not (name == "lm_head" and k in SLOW)}
 
 
-def sweep(linear: nn.Linear, name: str) -> list[dict]:
+def sweep(linear: nn.Linear, name: str, device: str = "cuda") -> list[dict]:
     """The Triton GEMVs at 1 token over launch shapes; rows with the config, µs and GB/s."""
     from moai_lib.kernels import triton_gemv as G
 
     k, n = linear.in_features, linear.out_features
     int4 = QuantizedLinear.from_float(linear, 4, 128, symmetric=False)
     fp8 = Float8Linear.from_float(linear)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
     kernels = {
         "int4_g128_triton": (lambda v, c: G.int4_gemv(v, int4.qweight, int4.scales, int4.zeros, 128, None, c),
                              read_bytes(int4), lambda v: G.int4_gemv_ref(v, int4.qweight, int4.scales, int4.zeros,
@@ -136,14 +136,14 @@ def sweep(linear: nn.Linear, name: str) -> list[dict]:
                 continue
             try:
                 quality = P.sqnr(ref, fn(x, cfg).float())  # validate each launch shape before timing it
-                seconds = time_call(lambda v, c=cfg, f=fn: f(v, c), x, "cuda")
+                seconds = time_call(lambda v, c=cfg, f=fn: f(v, c), x, device)
             except Exception as exc:  # a shape Triton cannot compile (registers, shared memory)
                 rows.append({"layer": name, "variant": kind, "config": cfg.__dict__, "error": str(exc)[:200]})
                 continue
             row = {"layer": name, "variant": kind, "config": cfg.__dict__, "default": cfg == default,
                    "us": round(seconds * 1e6, 2), "sqnr_db": round(quality, 1),
                    "GBps": round(nbytes / seconds / 1e9, 1),
-                   "of_copy_bw": round(nbytes / seconds / COPY_BANDWIDTH["cuda"], 3)}
+                   "of_copy_bw": round(nbytes / seconds / COPY_BANDWIDTH.get(device, float("inf")), 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
