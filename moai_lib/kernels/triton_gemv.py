@@ -28,7 +28,8 @@ Napkin math (H200, ~3.3 TB/s achievable of 4 TB/s copy; `2b` preset: d=2048, E=4
   (2048×128K, 0.52 GB) adds 0.16 ms to every variant.
 - Work per weight at M=1: 2 integer ops + 2 fp32 ops (dequant) + 1 FMA per row of x; streaming 0.52 B/weight at
   3.3 TB/s is ~24 weights per SM per clock (132 SMs, 1.98 GHz), within the 64 int / 128 fp32 lanes per clock.
-  At M=16 the FMAs (16 per weight) make it compute-bound near ~2× the read floor; still far below a bf16 read.
+  At M=16 the FMAs (16 per weight, 384 per SM-clock at that rate) make it compute-bound near ~3× the read floor,
+  still below a bf16 read of the same layer.
 
 Entry points: `int4_gemv`, `fp8_gemv` (x (M, K), M ≤ `GEMV_MAX_ROWS`), `int4_dequantize` (the whole Ŵ in one
 kernel, for prefill-sized M that then runs a dense matmul) and their fp32 references `*_ref`. Launch shapes come

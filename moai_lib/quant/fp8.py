@@ -130,7 +130,8 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_module_kind
 class Float8Linear(nn.Module):
-    """FP8 E4M3 weight (per-row scales) × dynamically quantized FP8 activations (per-token scales).
+    """FP8 E4M3 weight (per-row scales) × dynamically quantized FP8 activations (per-token scales); with backend
+    "triton" (or "auto" on an FP8 GPU) inputs of ≤ 16 rows take the weight-only GEMV (bf16 activations).
 
     Buffers: qweight (out, in) uint8 holding E4M3 bits; weight_scale (out, 1) fp32.
     """
@@ -206,9 +207,10 @@ class Float8Linear(nn.Module):
 
 @dataclass
 class Float8Config(QuantConfig):
-    """FP8 E4M3 weights (per-row scales) and dynamic per-token FP8 activations.
+    """FP8 E4M3 weights (per-row scales) and dynamic per-token FP8 activations (at decode sizes on an FP8 GPU the
+    weight-only Triton GEMV keeps the activations in bf16 instead).
 
-    backend: "auto", "emulated" or "scaled_mm" (see the module docstring).
+    backend: "auto", "emulated", "scaled_mm" or "triton" (see the module docstring).
     """
 
     method = "fp8"
