@@ -119,10 +119,9 @@ def _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn,
     """The packed tile of columns kt·BLOCK_K : (kt+1)·BLOCK_K, as loaded: words (BLOCK_N, GPT, GS/8) int32, scales
     and zeros (BLOCK_N, GPT) in their storage dtypes; GPT groups (or part of one) of GS columns; zeros where masked
     (a row_mask of all False loads nothing)."""
-    GW: tl.constexpr = GS // 8
     g = tl.arange(0, GPT)
-    wi = tl.arange(0, GW)
-    word = kt * (BLOCK_K // 8) + g[:, None] * GW + wi[None, :]  # (GPT, GW) word index along the row
+    wi = tl.arange(0, GS // 8)
+    word = kt * (BLOCK_K // 8) + g[:, None] * (GS // 8) + wi[None, :]  # (GPT, GW) word index along the row
     if EVEN_K:  # no column mask: a mask constant along the row keeps the loads 16-byte vectors
         mask = row_mask[:, None, None]
     else:
@@ -165,9 +164,8 @@ def _int4_gemv_kernel(
     cols = tl.arange(0, BLOCK_K)
     m_idx = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # rows first: the layout of the tile's row sums
-    GW: tl.constexpr = GS // 8
     # (GPT, GW): the column of nibble 0 of each word in the tile (the "planes" layout reads x at +0..7 from it)
-    col8 = tl.arange(0, GPT)[:, None] * GS + 8 * tl.arange(0, GW)[None, :]
+    col8 = tl.arange(0, GPT)[:, None] * GS + 8 * tl.arange(0, GS // 8)[None, :]
     first = pid_k * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
     if PREFETCH:  # registers double-buffer the weight stream: tile kt+1 is in flight while tile kt is used
