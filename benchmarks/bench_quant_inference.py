@@ -9,17 +9,23 @@ embedding, conv, dt_proj and the SSM parameters stay bf16/fp32) with `moai_lib.q
 - bf16 (the anchor);
 - INT4 g128 RTN, `QuantizedLinear` backend "int4mm" = torch's tinygemm kernel (`aten._weight_int4pack_mm`,
   the kernel behind torchao's `tile_packed_to_4d` int4 format); also with the LM head quantized;
-- FP8 E4M3 per-row weights + dynamic per-token activations, `torch._scaled_mm` (`Float8Config`);
+- the same with backend "triton" (our weight-streaming GEMV, `moai_lib/kernels/triton_gemv.py`, for ≤ 16 rows;
+  the 32-token prefill dequantizes + dense matmul), with and without the LM head;
+- FP8 E4M3 per-row weights + dynamic per-token activations, `torch._scaled_mm` (`Float8Config`); and FP8
+  backend "triton": weight-only E4M3 GEMV for the decode step (bf16 activations, no per-token quantization);
 - NF4 (bitsandbytes `Linear4bit`, blocksize 64, bf16 compute), when bitsandbytes imports.
 Every variant decodes with the step captured as a CUDA graph (`CudaGraphDecoder`): at batch 1 launch overhead
 would otherwise hide the weight-read time that quantization shrinks.
 
-Validation before timing: the SQNR of each variant's prefill logits against bf16's, and CUDA-graph decoding =
-eager decoding (8 tokens). Timing: prefill a 32-token prompt, then `--steps` replayed steps (argmax included),
-median of 3. Memory: bytes allocated by the model (weights, plus the kernel layouts the int4 kernel builds: on
-CUDA the uint8 copy is released once tinygemm's layout exists, so INT4 holds each weight once) and the peak
-during decoding. Kernels per token: torch.profiler over graph-less steps. Floor: the bytes a step must read
-(every weight once) / 4 TB/s.
+Validation before timing: the SQNR of each variant's prefill logits against bf16's, CUDA-graph decoding =
+eager decoding (8 tokens), and for the Triton variants the SQNR of an 8-token forward (every linear then runs
+the GEMV) against the same weights through a bf16 matmul with the dequantized weight (INT4 backend "dequant";
+for FP8 `Float8Linear.weight`, not the activation-quantized "emulated" backend).
+
+Timing: prefill a 32-token prompt, then `--steps` replayed steps (argmax included), median of 3. Memory: bytes
+allocated by the model (weights, plus the kernel layouts the int4 kernel builds: on CUDA the uint8 copy is released
+once tinygemm's layout exists, so INT4 holds each weight once) and the peak during decoding. Kernels per token:
+torch.profiler over graph-less steps. Floor: the bytes a step must read (every weight once) / 4 TB/s.
 
     python benchmarks/bench_quant_inference.py [--preset 2b] [--out results/quant_inference.json]
 """
@@ -50,14 +56,42 @@ from moai_lib.quant import (
 )
 from moai_lib.quant import primitives as P
 
+WITH_HEAD = layer_filter(*DEFAULT_QUANTIZED_LAYERS, "lm_head")
+# name: (config, filter_fn, backend set on every QuantizedLinear afterwards or None)
 VARIANTS = {
     "bf16": None,
-    "int4 g128 (tinygemm)": (IntWeightOnlyConfig(bits=4, group_size=128), None),
-    "int4 g128 + lm_head": (IntWeightOnlyConfig(bits=4, group_size=128),
-                            layer_filter(*DEFAULT_QUANTIZED_LAYERS, "lm_head")),
-    "fp8 e4m3 (scaled_mm)": (Float8Config(backend="scaled_mm"), None),
-    "nf4 (bitsandbytes)": (BnbConfig(quant_type="nf4", compute_dtype=torch.bfloat16), None),
+    "int4 g128 (tinygemm)": (IntWeightOnlyConfig(bits=4, group_size=128), None, "int4mm"),
+    "int4 g128 (triton gemv)": (IntWeightOnlyConfig(bits=4, group_size=128), None, "triton"),
+    "int4 g128 + lm_head": (IntWeightOnlyConfig(bits=4, group_size=128), WITH_HEAD, "int4mm"),
+    "int4 g128 + lm_head (triton gemv)": (IntWeightOnlyConfig(bits=4, group_size=128), WITH_HEAD, "triton"),
+    "fp8 e4m3 (scaled_mm)": (Float8Config(backend="scaled_mm"), None, None),
+    "fp8 e4m3 (triton gemv)": (Float8Config(backend="triton"), None, None),
+    "nf4 (bitsandbytes)": (BnbConfig(quant_type="nf4", compute_dtype=torch.bfloat16), None, None),
 }
+
+
+def gemv_vs_reference_sqnr(model, prompt) -> float:
+    """SQNR of an 8-token forward (≤ 16 rows: every Triton layer runs the GEMV) against the same weights through
+    the reference matmul: INT4 layers on backend "dequant" (exact Ŵ, bf16 matmul), FP8 layers replaced by their
+    `Float8Linear.weight` in bf16 (the GEMV is weight-only, unlike the "emulated" backend)."""
+    ids = prompt[:, :8]
+    fast = model(input_ids=ids, use_cache=False).logits.float()
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear | Float8Linear)]
+    saved = [(m, m.backend) for m in layers]
+    for m in layers:
+        if isinstance(m, QuantizedLinear):
+            m.backend = "dequant"
+        else:
+            m.forward = lambda x, m=m: torch.nn.functional.linear(
+                x, m.weight.to(x.dtype), m.bias.to(x.dtype) if m.bias is not None else None)
+    try:
+        ref = model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        for m, backend in saved:
+            m.backend = backend
+            if isinstance(m, Float8Linear):
+                del m.forward  # back to the class method
+    return P.sqnr(ref, fast)
 
 
 def contiguous_inputs(model) -> None:
@@ -139,9 +173,13 @@ def main() -> None:
                 torch.cuda.synchronize()
                 row["model_gib"] = torch.cuda.memory_allocated() / GiB
             else:
-                quant_config, filter_fn = VARIANTS[name]
+                quant_config, filter_fn, backend = VARIANTS[name]
                 before = torch.cuda.memory_allocated()
                 model = quantize_(copy.deepcopy(base), quant_config, filter_fn=filter_fn)
+                if backend is not None:
+                    for module in model.modules():
+                        if isinstance(module, QuantizedLinear):
+                            module.backend = backend
                 contiguous_inputs(model)
                 logits = model(input_ids=prompt, use_cache=False).logits[..., :config.vocab_size]
                 torch.cuda.synchronize()
@@ -149,6 +187,8 @@ def main() -> None:
                 # shared baseline: what a process holding only this model would hold.
                 row["model_gib"] = (torch.cuda.memory_allocated() - before) / GiB
                 row["logits_sqnr_db"] = P.sqnr(ref_logits, logits)
+                if "triton" in name:
+                    row["gemv_vs_reference_sqnr_db"] = gemv_vs_reference_sqnr(model, prompt)
             eager = greedy_decode(model, prompt, 8)
             graph = greedy_decode(model, prompt, 8, cuda_graph=True)
             row["graph_equals_eager"] = bool(torch.equal(eager, graph))
@@ -168,16 +208,17 @@ def main() -> None:
             model = None
             torch.cuda.empty_cache()
     print(f"\n{args.preset} ({sum(p.numel() for p in base.parameters()) / 1e9:.2f}B params), batch 1, CUDA graph\n")
-    print("| variant | logits SQNR dB | model GiB | read/step GiB | ms/token | tokens/s | vs bf16 | of copy BW "
-          "| kernels/token |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | logits SQNR dB | GEMV vs ref SQNR dB | model GiB | read/step GiB | ms/token | tokens/s "
+          "| vs bf16 | of copy BW | kernels/token |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     bf16 = next((r for r in rows if r["variant"] == "bf16" and "tokens_per_s" in r), None)
     for r in rows:
         if "tokens_per_s" not in r:
-            print(f"| {r['variant']} | error: {r.get('error', '')[:80]} | | | | | | | |")
+            print(f"| {r['variant']} | error: {r.get('error', '')[:80]} | | | | | | | | |")
             continue
         vs = f"{r['tokens_per_s'] / bf16['tokens_per_s']:.2f}x" if bf16 else "-"
-        print(f"| {r['variant']} | {r.get('logits_sqnr_db', float('inf')):.1f} | {r['model_gib']:.2f} | "
+        gemv = f"{r['gemv_vs_reference_sqnr_db']:.1f}" if "gemv_vs_reference_sqnr_db" in r else "-"
+        print(f"| {r['variant']} | {r.get('logits_sqnr_db', float('inf')):.1f} | {gemv} | {r['model_gib']:.2f} | "
               f"{r['read_gib_per_step']:.2f} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:.0f} | {vs} | "
               f"{r['of_copy_bw']:.0%} | {r.get('kernels_per_token', float('nan')):.0f} |")
     write_json(args.out, {"preset": args.preset, "batch": 1, "prompt": 32, "rows": rows})

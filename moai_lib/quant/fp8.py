@@ -9,8 +9,15 @@ Backends (`FP8_BACKENDS`, chosen here and only here):
 - "scaled_mm": `torch._scaled_mm` row-wise FP8 GEMM on GPUs with FP8 tensor cores (compute capability ≥ 8.9:
   Ada, Hopper H100/H200, Blackwell); in/out widths must be multiples of 16.
 - "emulated": the same arithmetic with the E4M3 values upcast to fp32 (any device; what CPU tests run).
-- "auto": "scaled_mm" where it can run, else "emulated" (warning once on a CUDA GPU without FP8).
-Asking for "scaled_mm" where it cannot run is an error naming the GPU.
+- "triton": for inputs of ≤ 16 rows (decoding), a weight-only Triton GEMV (`moai_lib.kernels.triton_gemv`): the
+  E4M3 weight is converted in registers and multiplies the bf16/fp16 activations unquantized, fp32 accumulation
+  (y = x · (e4m3 · s_w)ᵀ: no activation rounding, so closer to the bf16 layer than the FP8 GEMM). At M = 1 the
+  FP8 GEMM path is ~10 small kernels per layer (row amax, divide, clamp, cast, `_scaled_mm`); the GEMV is one
+  weight stream. Larger inputs take the "auto" path below. Needs a CUDA GPU with FP8 (sm_89+) or Triton's CPU
+  interpreter.
+- "auto": the Triton GEMV for bf16/fp16 inputs of ≤ 16 rows on an FP8 GPU; otherwise "scaled_mm" where it can
+  run, else "emulated" (warning once on a CUDA GPU without FP8).
+Asking for "scaled_mm" or "triton" where it cannot run is an error naming the problem.
 
 The E4M3 bytes are stored as uint8 (`qweight`), so `model.to(dtype)` and checkpoint loading never cast them.
 
@@ -43,8 +50,9 @@ logger = logging.getLogger(__name__)
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
-FP8_BACKENDS = ("auto", "emulated", "scaled_mm")
+FP8_BACKENDS = ("auto", "emulated", "scaled_mm", "triton")
 FP8_MIN_CAPABILITY = (8, 9)
+FP8_GEMV_MAX_ROWS = 16  # = triton_gemv.GEMV_MAX_ROWS (not imported here: quant must import without triton)
 
 
 @functools.cache
@@ -68,10 +76,35 @@ def _device_problem(device: torch.device) -> str | None:
     return fp8_gpu_problem(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
 
 
-def resolve_fp8_backend(backend: str, device: torch.device | str, shape_ok: bool = True) -> str:
-    """The concrete FP8 backend for `device`; raises `QuantizationError` for an explicit one that cannot run."""
+def fp8_triton_problem(device: torch.device | str) -> str | None:
+    """Why the weight-only FP8 Triton GEMV cannot run on `device`, or None if it can."""
+    from moai_lib.kernels.dispatch import _triton_unavailable_reason
+
+    device = torch.device(device)
+    problem = _triton_unavailable_reason(device)
+    if problem is None and device.type == "cuda":
+        problem = _device_problem(device)  # Triton converts E4M3 only on FP8 GPUs (sm_89+)
+    return problem
+
+
+def resolve_fp8_backend(backend: str, device: torch.device | str, shape_ok: bool = True, rows: int | None = None,
+                        dtype: torch.dtype | None = None) -> str:
+    """The concrete FP8 backend for `device` (and, to choose the Triton GEMV, an input of `rows` rows of
+    `dtype`); raises `QuantizationError` for an explicit one that cannot run."""
     if backend not in FP8_BACKENDS:
         raise QuantizationError(f"fp8: unknown backend {backend!r}; choose one of {', '.join(FP8_BACKENDS)}")
+    small = rows is not None and rows <= FP8_GEMV_MAX_ROWS
+    if backend == "triton":
+        problem = fp8_triton_problem(device)
+        if problem:
+            raise QuantizationError(f"fp8: backend 'triton' cannot run here: {problem}; use backend='emulated' "
+                                    "(no speedup) or a CUDA GPU with FP8")
+        if small:
+            return "triton"
+        backend = "auto"
+    elif (backend == "auto" and small and dtype in (torch.bfloat16, torch.float16)
+          and torch.device(device).type == "cuda" and fp8_triton_problem(device) is None):
+        return "triton"
     problem = _device_problem(torch.device(device))
     if backend == "emulated":
         return backend
@@ -97,7 +130,8 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_module_kind
 class Float8Linear(nn.Module):
-    """FP8 E4M3 weight (per-row scales) × dynamically quantized FP8 activations (per-token scales).
+    """FP8 E4M3 weight (per-row scales) × dynamically quantized FP8 activations (per-token scales); with backend
+    "triton" (or "auto" on an FP8 GPU) inputs of ≤ 16 rows take the weight-only GEMV (bf16 activations).
 
     Buffers: qweight (out, in) uint8 holding E4M3 bits; weight_scale (out, 1) fp32.
     """
@@ -145,9 +179,14 @@ class Float8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) → (..., out) in x's dtype."""
         shape_ok = self.in_features % 16 == 0 and self.out_features % 16 == 0
-        backend = resolve_fp8_backend(self.backend, x.device, shape_ok)
         # The mixer hands x_proj/out_proj transposed (strided) views; the FP8 GEMM needs row-major rows.
         x2 = x.reshape(-1, self.in_features).contiguous()
+        backend = resolve_fp8_backend(self.backend, x.device, shape_ok, rows=x2.shape[0], dtype=x.dtype)
+        if backend == "triton":
+            from moai_lib.kernels.triton_gemv import fp8_gemv
+
+            y = fp8_gemv(x2, self.qweight, self.weight_scale, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         xq, x_scale = quantize_rows_fp8(x2)
         w_scale = self.weight_scale.float()
         if backend == "scaled_mm":
@@ -168,9 +207,10 @@ class Float8Linear(nn.Module):
 
 @dataclass
 class Float8Config(QuantConfig):
-    """FP8 E4M3 weights (per-row scales) and dynamic per-token FP8 activations.
+    """FP8 E4M3 weights (per-row scales) and dynamic per-token FP8 activations (at decode sizes on an FP8 GPU the
+    weight-only Triton GEMV keeps the activations in bf16 instead).
 
-    backend: "auto", "emulated" or "scaled_mm" (see the module docstring).
+    backend: "auto", "emulated", "scaled_mm" or "triton" (see the module docstring).
     """
 
     method = "fp8"

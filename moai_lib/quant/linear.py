@@ -13,8 +13,17 @@ Matmul backends (`INT_BACKENDS`, chosen in `QuantizedLinear.resolve_backend` and
   dequantization is (q − 8)·s + m with m = (8 − z)·s, which is ours exactly up to rounding s and m to bf16.
   The kernel layout is built from the stored integers on first use (per device) and cached. On CUDA the uint8
   copy is then released: the GPU holds each 4-bit weight once (save, load and device moves still see it).
-- "auto": "int4mm" for bf16 activations where it applies, else "dequant": the automatic choice never lowers
-  the activation precision (fp32 models keep fp32 matmuls; QAT's bit-exactness relies on this).
+- "triton": our Triton kernels (`moai_lib.kernels.triton_gemv`), which read the uint8 `qweight` as stored: a
+  weight-streaming GEMV for inputs of ≤ 16 rows (decoding: tinygemm is an MMA kernel tiled for M ≥ 16 and runs
+  ~3.6× above its weight-read floor at M = 1), and for more rows one kernel that dequantizes Ŵ followed by a
+  dense matmul. 4 bits, group_size 32-256, no permuted g_idx; CUDA (or Triton's CPU interpreter). The
+  dequantization is exactly ours ((q − z)·s in fp32), accumulation in fp32.
+- "auto": on CUDA, "triton" for bf16/fp16 activations where it applies; else "int4mm" for bf16 activations
+  where it applies, else "dequant": the automatic choice never lowers the activation precision (fp32 models keep
+  fp32 matmuls; QAT's bit-exactness relies on this).
+
+One copy of the integers on the GPU: "int4mm" keeps them in tinygemm's layout (the uint8 `qweight` released),
+"triton" in the uint8 `qweight`; switching a layer's backend converts (exactly) from one to the other.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from .api import (
 )
 
 INT_BITS = (4, 8)
-INT_BACKENDS = ("auto", "dequant", "int4mm")
+INT_BACKENDS = ("auto", "dequant", "int4mm", "triton")
 INT4MM_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -166,16 +175,34 @@ class QuantizedLinear(nn.Module):
             return f"int4mm on CPU needs out_features % 16 == 0, got {self.out_features}"
         return None
 
+    def triton_problem(self, device: torch.device) -> str | None:
+        """Why the Triton kernels cannot run this layer on `device`, or None if they can."""
+        from moai_lib.kernels.dispatch import _triton_unavailable_reason
+
+        if self.g_idx is not None:
+            return "the Triton GEMV reads contiguous groups; this GPTQ act-order layer has a permuted g_idx"
+        if self.bits != 4 or self.group_size not in INT4MM_GROUP_SIZES:
+            return f"the Triton GEMV needs 4 bits and group_size in {INT4MM_GROUP_SIZES}, this layer has " \
+                   f"{self.bits} bits, group_size={self.group_size}"
+        return _triton_unavailable_reason(device)
+
     def resolve_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         """The matmul backend for activations of `dtype` on `device`; an explicit backend that cannot run is
         an error."""
         if self.backend == "dequant":
             return "dequant"
+        if self.backend == "triton":
+            problem = self.triton_problem(device)
+            if problem:
+                raise QuantizationError(f"int: backend 'triton' cannot run here: {problem}; use backend='dequant'")
+            return "triton"
         problem = self.int4mm_problem(device)
         if self.backend == "int4mm":
             if problem:
                 raise QuantizationError(f"int: backend 'int4mm' cannot run here: {problem}; use backend='dequant'")
             return "int4mm"
+        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and self.triton_problem(device) is None:
+            return "triton"
         return "int4mm" if problem is None and dtype == torch.bfloat16 else "dequant"
 
     def _int4mm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,8 +295,11 @@ class QuantizedLinear(nn.Module):
         """x (..., in) → (..., out) in x's dtype (see the module docstring for the backends)."""
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
+        backend = self.resolve_backend(x.device, x.dtype)
+        if backend == "triton":
+            return self._triton_forward(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if self.resolve_backend(x.device, x.dtype) == "int4mm":
+        if backend == "int4mm":
             packed, scales_and_offsets = self._int4mm_weights()
             kernel = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
             # contiguous: the mixer hands x_proj/out_proj transposed (strided) views, which the kernel rejects.
@@ -278,6 +308,19 @@ class QuantizedLinear(nn.Module):
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
             return y + bias if bias is not None else y
         return F.linear(x, self.dequantize_weight(x.dtype), bias)
+
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The "triton" backend: the GEMV for ≤ GEMV_MAX_ROWS rows, else dequantize (one kernel) + dense matmul."""
+        from moai_lib.kernels import triton_gemv
+
+        self._restore_qweight()  # the uint8 integers are this backend's layout (no-op unless int4mm ran last)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= triton_gemv.GEMV_MAX_ROWS:
+            y = triton_gemv.int4_gemv(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        else:
+            w = triton_gemv.int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
+            y = F.linear(x2, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.group_size == -1 else f"group_size={self.group_size}"

@@ -40,7 +40,9 @@ def test_cpu_release_reads_back_exact_integers_and_round_trips():
 def _layer(in_features=5120, out_features=1536):  # in > 4096: the read-back runs in two blocks
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=True, device="cuda", dtype=torch.bfloat16)
-    return QuantizedLinear.from_float(linear, bits=4, group_size=128, symmetric=False)
+    layer = QuantizedLinear.from_float(linear, bits=4, group_size=128, symmetric=False)
+    layer.backend = "int4mm"  # auto on CUDA is the Triton GEMV, which keeps the uint8 copy (test_triton_gemv)
+    return layer
 
 
 @cuda

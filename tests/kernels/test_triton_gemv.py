@@ -1,0 +1,302 @@
+"""The weight-only Triton GEMVs (`triton_gemv`: INT4 group-wise and FP8 E4M3) against the fp32 matmul with the
+dequantized weight, and their wiring into `QuantizedLinear` / `Float8Linear` (backend "triton").
+
+On the CPU the kernels run under Triton's interpreter in a fresh process (this file run as a script, printing
+the errors as JSON), as in `test_triton_kernels.py`. Tolerance: the kernels dequantize exactly as the reference
+and accumulate in fp32, so only the rounding of the output to its dtype (and fp32 summation order) separates them:
+|y − ref| ≤ ulp-bound·|ref| + 1e-5·(|x|·|Ŵ|ᵀ). The interpreter truncates fp32 → bf16 (the GPU rounds to nearest),
+so a whole bf16 ulp (2^-7 relative) on the CPU. The GPU tests at the end use the 2b preset's widths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_triton_kernels import _import_kernels_only, _interpreter_problem  # noqa: E402
+
+# Output rounding bound relative to |ref|, per output dtype: one ulp (2^-(significand bits − 1)) under the CPU
+# interpreter, which truncates; half of it on the GPU, which rounds to nearest.
+ULP = {"bfloat16": 2 ** -7, "float16": 2 ** -10, "float32": 0.0}
+SUM_ORDER = 1e-5  # fp32 summation-order slack, relative to Σ|x|·|Ŵ|
+
+# (K, N, M, group, symmetric, bias, dtype, GemvConfig fields (block_n, block_k, split_k, num_warps[, int4_layout,
+# prefetch]) or None = default)
+INT4_CASES = {
+    "k64_n96_m1_g32_asym_bias": (64, 96, 1, 32, False, True, "bfloat16", None),
+    "k64_n96_m3_g32_sym": (64, 96, 3, 32, True, False, "bfloat16", None),
+    "k256_n96_m1_g64_sym_bias_split4": (256, 96, 1, 64, True, True, "bfloat16", (16, 64, 4, 4)),
+    "k256_n40_m3_g64_asym_tile_in_group": (256, 40, 3, 64, False, False, "bfloat16", (64, 32, 2, 4)),
+    "k256_n40_m3_g32_asym_bias_ragged_rows": (256, 40, 3, 32, False, True, "bfloat16", (64, 128, 1, 4)),
+    "k256_n96_m1_g128_asym_fp16": (256, 96, 1, 128, False, True, "float16", (16, 256, 2, 4)),
+    "k256_n96_m3_g64_asym_fp32_exact": (256, 96, 3, 64, False, True, "float32", (32, 128, 1, 4)),
+    "k256_n96_m16_g32_sym": (256, 96, 16, 32, True, False, "bfloat16", None),
+    # K not a multiple of the tile: masked columns in the last tile (K = 320 = 2.5 tiles of 128; K < one tile).
+    "k320_n96_m3_g64_asym_bias_ragged_k_split2": (320, 96, 3, 64, False, True, "bfloat16", (32, 128, 2, 4)),
+    "k256_n40_m1_g64_sym_tile_past_k": (256, 40, 1, 64, True, False, "float32", (64, 512, 1, 4)),
+    # Without the register prefetch of the next tile.
+    "no_prefetch_k256_n96_m3_g64_asym_bias_split2": (256, 96, 3, 64, False, True, "bfloat16",
+                                                     (32, 64, 2, 4, "join", False)),
+    # The "planes" INT4 layout (x read at stride 8 instead of interleaving the nibbles in registers).
+    "planes_k256_n96_m3_g64_asym_bias_split2": (256, 96, 3, 64, False, True, "bfloat16", (32, 128, 2, 4, "planes")),
+    "planes_k256_n40_m1_g128_sym_tile_in_group": (256, 40, 1, 128, True, False, "float32", (64, 64, 1, 4, "planes")),
+}
+FP8_CASES = {
+    "k64_n96_m1_bias": (64, 96, 1, True, "bfloat16", None),
+    "k256_n96_m3_split3": (256, 96, 3, False, "bfloat16", (16, 64, 3, 4)),
+    "k256_n40_m3_bias_ragged_rows": (256, 40, 3, True, "bfloat16", (64, 128, 1, 4)),
+    "k256_n96_m3_fp32_exact": (256, 96, 3, True, "float32", (16, 64, 2, 4)),
+    "k320_n40_m2_ragged_k_split2": (320, 40, 2, True, "bfloat16", (64, 128, 2, 4)),
+    "no_prefetch_k256_n96_m3_split2": (256, 96, 3, True, "bfloat16", (32, 64, 2, 4, "join", False)),
+}
+
+
+def excess(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, dtype: str, weight_rounded: bool = False) -> float:
+    """max over elements of |y − ref| / (ulp·|ref| + SUM_ORDER·bound): ≤ 1 passes. weight_rounded: Ŵ was
+    rounded to `dtype` before a dense matmul (the > 16 rows path, as backend "dequant"): + ulp·bound."""
+    ulp = ULP[dtype] / (2 if y.is_cuda else 1)
+    allowed = ulp * ref.abs() + (ulp if weight_rounded else SUM_ORDER) * bound + 1e-30
+    return ((y.float() - ref).abs() / allowed).max().item()
+
+
+def int4_case(case: str, device="cpu", shape=None) -> dict:
+    from moai_lib.kernels.triton_gemv import GemvConfig, int4_dequantize, int4_gemv, int4_gemv_ref
+    from moai_lib.quant import primitives as P
+
+    k, n, m, group, symmetric, bias_on, dtype, cfg = INT4_CASES[case] if shape is None else shape
+    g = torch.Generator().manual_seed(hash(case) % 2 ** 31)
+    w = torch.randn(n, k, generator=g)
+    qp = P.compute_qparams(w, 4, group, symmetric, scale_dtype=torch.bfloat16)
+    q = P.quantize_rtn(w, qp)
+    qweight, scales, zeros = P.pack_int4(q).to(device), qp.scale.to(device), qp.zero.to(device)
+    x = torch.randn(m, k, generator=g).to(device, getattr(torch, dtype))
+    bias = torch.randn(n, generator=g).to(device, torch.bfloat16) if bias_on else None
+    w_hat = P.dequantize(q, qp).to(device)  # the spec's weight (fp32)
+    ref = x.float() @ w_hat.T + (bias.float() if bias_on else 0)
+    y = int4_gemv(x, qweight, scales, zeros, group, bias, GemvConfig(*cfg) if cfg else None)
+    bound = x.float().abs() @ w_hat.abs().T
+    return {"excess": excess(y, ref, bound, dtype), "dtype": str(y.dtype), "shape": list(y.shape),
+            "ref_matches_spec": bool(torch.equal(int4_gemv_ref(x, qweight, scales, zeros, group, bias), ref)),
+            "dequant_exact": bool(torch.equal(int4_dequantize(qweight, scales, zeros, group, torch.float32),
+                                              w_hat))}
+
+
+def fp8_case(case: str, device="cpu", shape=None) -> dict:
+    from moai_lib.kernels.triton_gemv import GemvConfig, fp8_gemv
+    from moai_lib.quant.fp8 import quantize_rows_fp8
+
+    k, n, m, bias_on, dtype, cfg = FP8_CASES[case] if shape is None else shape
+    g = torch.Generator().manual_seed(hash(case) % 2 ** 31)
+    wq, scale = quantize_rows_fp8(torch.randn(n, k, generator=g))
+    qweight, scale = wq.view(torch.uint8).to(device), scale.to(device)
+    x = torch.randn(m, k, generator=g).to(device, getattr(torch, dtype))
+    bias = torch.randn(n, generator=g).to(device, torch.bfloat16) if bias_on else None
+    w_hat = wq.float().to(device) * scale  # `Float8Linear.weight`
+    ref = x.float() @ w_hat.T + (bias.float() if bias_on else 0)
+    y = fp8_gemv(x, qweight, scale, bias, GemvConfig(*cfg) if cfg else None)
+    return {"excess": excess(y, ref, x.float().abs() @ w_hat.abs().T, dtype), "dtype": str(y.dtype)}
+
+
+def modules_report() -> dict:
+    """`QuantizedLinear` / `Float8Linear` with backend "triton" (interpreted) against their dequantized weight."""
+    from torch import nn
+
+    from moai_lib.quant import Float8Linear, QuantizedLinear
+
+    torch.manual_seed(0)
+    out = {}
+    linear = nn.Linear(256, 96, bias=True, dtype=torch.bfloat16)
+    layer = QuantizedLinear.from_float(linear, 4, 64, symmetric=False)
+    qweight = layer.qweight.clone()
+    layer.backend = "triton"
+    for lead in ((1,), (2, 3), (6, 3)):  # GEMV (1 and 6 rows), then the dequantize + matmul path (18 rows)
+        rows = lead[0] * (lead[1] if len(lead) > 1 else 1)
+        x = torch.randn(*lead, 256, dtype=torch.bfloat16)
+        ref = x.float() @ layer.dequantize_weight(torch.float32).T + layer.bias.float()
+        y = layer(x)
+        bound = x.float().abs() @ layer.dequantize_weight(torch.float32).abs().T
+        out[f"int4_rows{rows}"] = {"excess": excess(y, ref, bound, "bfloat16", weight_rounded=rows > 16),
+                                   "shape": list(y.shape), "dtype": str(y.dtype)}
+    out["int4_keeps_uint8"] = bool(torch.equal(layer.qweight, qweight))
+    # int4mm last (CPU: released explicitly, as CUDA does automatically), then triton: exact integers come back.
+    layer.backend = "int4mm"
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    layer(x)
+    layer._release_qweight()
+    layer.backend = "triton"
+    y = layer(x)
+    out["int4_back_from_int4pack"] = bool(torch.equal(layer.qweight, qweight)) and not layer._int4_only
+    strided = torch.randn(256, 2, dtype=torch.bfloat16).T  # (2, 256) with strides (1, 2), as the mixer hands
+    out["int4_strided_input"] = bool(torch.equal(layer(strided), layer(strided.contiguous())))
+    out["auto_on_cpu"] = layer.__class__.from_float(linear, 4, 64, False).resolve_backend(torch.device("cpu"),
+                                                                                        torch.bfloat16)
+    fp8 = Float8Linear.from_float(nn.Linear(256, 96, bias=True, dtype=torch.bfloat16), backend="triton")
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    ref = x.float() @ fp8.weight.T + fp8.bias.float()
+    out["fp8_rows2"] = {"excess": excess(fp8(x), ref, x.float().abs() @ fp8.weight.abs().T, "bfloat16")}
+    big = torch.randn(17, 256, dtype=torch.bfloat16)  # more rows: the activation-quantized (emulated) path
+    fp8.backend = "emulated"
+    emulated = fp8(big)
+    fp8.backend = "triton"
+    out["fp8_rows17_is_activation_quantized"] = bool(torch.equal(fp8(big), emulated))
+    return out
+
+
+def _subprocess_main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run with TRITON_INTERPRET=1 in a fresh process")
+    _import_kernels_only()
+    result = {"int4": {c: int4_case(c) for c in INT4_CASES}, "fp8": {c: fp8_case(c) for c in FP8_CASES},
+              "modules": modules_report()}
+    print(json.dumps(result))
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    pytest.importorskip("triton")
+    problem = _interpreter_problem()
+    if problem:
+        pytest.skip(problem)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_interpreted_int4_gemv_matches_dequantized_matmul(interpreted):
+    assert set(interpreted["int4"]) == set(INT4_CASES)
+    for case, r in interpreted["int4"].items():
+        k, n, m, *_, dtype, _ = INT4_CASES[case]
+        assert r["excess"] <= 1.0, (case, r)
+        assert r["dtype"] == f"torch.{dtype}" and r["shape"] == [m, n], (case, r)
+        assert r["ref_matches_spec"] and r["dequant_exact"], (case, r)
+
+
+def test_interpreted_fp8_gemv_matches_dequantized_matmul(interpreted):
+    assert set(interpreted["fp8"]) == set(FP8_CASES)
+    for case, r in interpreted["fp8"].items():
+        assert r["excess"] <= 1.0 and r["dtype"] == f"torch.{FP8_CASES[case][4]}", (case, r)
+
+
+def test_interpreted_modules_use_the_gemv_and_keep_one_copy(interpreted):
+    mods = interpreted["modules"]
+    for rows, shape in ((1, [1, 96]), (6, [2, 3, 96]), (18, [6, 3, 96])):
+        r = mods[f"int4_rows{rows}"]
+        assert r["excess"] <= 1.0 and r["shape"] == shape and r["dtype"] == "torch.bfloat16", (rows, r)
+    assert mods["int4_keeps_uint8"] and mods["int4_back_from_int4pack"] and mods["int4_strided_input"]
+    assert mods["auto_on_cpu"] == "int4mm"  # auto picks the Triton GEMV on CUDA only
+    assert mods["fp8_rows2"]["excess"] <= 1.0
+    assert mods["fp8_rows17_is_activation_quantized"]
+
+
+def test_explicit_triton_backend_that_cannot_run_is_an_error():
+    from torch import nn
+
+    from moai_lib.quant import QuantizationError, QuantizedLinear
+
+    layer = QuantizedLinear.from_float(nn.Linear(64, 32), 8, 32, False)
+    layer.backend = "triton"
+    with pytest.raises(QuantizationError, match="int: backend 'triton' cannot run here: the Triton GEMV needs 4 "
+                                                "bits"):
+        layer(torch.randn(1, 64))
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        int4 = QuantizedLinear.from_float(nn.Linear(64, 32), 4, 32, False)
+        int4.backend = "triton"
+        with pytest.raises(QuantizationError, match="int: backend 'triton' cannot run here: .*CUDA GPU"):
+            int4(torch.randn(1, 64))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# On the GPU: the compiled kernels at the 2b preset's widths (in_proj 2048→8192, fc2 6144→2048, x_proj 4096→160).
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs on the GPU machine)")
+GPU_SHAPES = {"in_proj": (2048, 8192), "fc2": (6144, 2048), "x_proj": (4096, 160)}
+
+
+@cuda
+@pytest.mark.parametrize("layer", list(GPU_SHAPES))
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("group,symmetric", [(128, False), (32, True)])
+def test_gpu_int4_gemv_real_width(layer, m, group, symmetric):
+    k, n = GPU_SHAPES[layer]
+    r = int4_case(f"{layer}{m}", "cuda", (k, n, m, group, symmetric, True, "bfloat16", None))
+    assert r["excess"] <= 1.0 and r["dequant_exact"], r
+
+
+@cuda
+@pytest.mark.parametrize("layer", list(GPU_SHAPES))
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_fp8_gemv_real_width(layer, m):
+    from moai_lib.quant.fp8 import fp8_gpu_problem
+
+    if fp8_gpu_problem(torch.cuda.get_device_name(), torch.cuda.get_device_capability()):
+        pytest.skip("needs an FP8 GPU (sm_89+)")
+    k, n = GPU_SHAPES[layer]
+    assert fp8_case(f"{layer}{m}", "cuda", (k, n, m, True, "bfloat16", None))["excess"] <= 1.0
+
+
+@cuda
+@torch.no_grad()
+def test_gpu_modules_auto_pick_the_gemv_and_keep_one_copy():
+    from torch import nn
+
+    from moai_lib.quant import Float8Linear, QuantizedLinear
+    from moai_lib.quant import primitives as P
+
+    torch.manual_seed(0)
+    linear = nn.Linear(2048, 8192, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = QuantizedLinear.from_float(linear, 4, 128, symmetric=False)
+    qweight = layer.qweight.clone()
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    assert layer.resolve_backend(x.device, x.dtype) == "triton"
+    before = torch.cuda.memory_allocated()
+    y = layer(x)
+    assert torch.equal(layer.qweight, qweight) and layer._int4mm_cache is None  # no tinygemm layout built
+    assert torch.cuda.memory_allocated() - before < 1 << 20
+    ref = F_linear_ref(x, layer)
+    assert P.sqnr(ref, y) > 40
+    layer.backend = "int4mm"  # the anchor: tinygemm's layout replaces the uint8 copy, and back
+    assert P.sqnr(ref, layer(x)) > 35 and layer.qweight.numel() == 0
+    layer.backend = "auto"
+    assert torch.equal(layer(x), y) and torch.equal(layer.qweight, qweight)
+    prefill = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)  # > 16 rows: dequantize + matmul
+    fast = layer(prefill)
+    layer.backend = "dequant"  # the same bf16 weight (one kernel instead of torch's several) and matmul
+    assert torch.equal(fast, layer(prefill))
+    layer.backend = "auto"
+    fp8 = Float8Linear.from_float(linear)
+    assert P.sqnr(x.float() @ fp8.weight.T, fp8(x)) > 40  # weight-only: no activation rounding
+
+
+def F_linear_ref(x, layer):
+    return x.float() @ layer.dequantize_weight(torch.float32).T
+
+
+@cuda
+@torch.no_grad()
+def test_gpu_gemv_captures_in_a_cuda_graph():
+    from torch import nn
+
+    from moai_lib.quant import QuantizedLinear
+
+    layer = QuantizedLinear.from_float(nn.Linear(6144, 2048, device="cuda", dtype=torch.bfloat16), 4, 128, False)
+    x = torch.randn(1, 6144, device="cuda", dtype=torch.bfloat16)
+    eager = layer(x)  # compiles; split-K at N = 2048 (two kernels)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+if __name__ == "__main__":
+    _subprocess_main()
