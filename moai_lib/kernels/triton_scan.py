@@ -189,17 +189,22 @@ def _softplus(x):
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
-    out_ptr, last_ptr, states_ptr,
-    dim, length, dstate, n_chunks, n_saved,
+    out_ptr, last_ptr, states_ptr, dsum_ptr, carry_dsum_ptr, carry_part_ptr,
+    dim, length, dstate, n_chunks, n_saved, seg_first,
     su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
     sB_b, sB_n, sB_l, sC_b, sC_n, sC_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_EVERY: tl.constexpr,
+    STORE_DSUM: tl.constexpr, SEG_CARRY: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # u, delta, z, out: (B, D, L) with strides s*_b, s*_d, s*_l (channels-last: s*_d = 1); A: (D, N) contiguous;
     # B, C: (B, N, L) with strides s*_b, s*_n, s*_l; D, bias: (D,); h0, last: (B, D, N) contiguous;
     # states: (B, D, n_saved, N), the state entering every SAVE_EVERY-step chunk of the backward.
+    # Segments of L as the batch (`triton_scan_seg`; row b is segment seg_first + b): STORE_DSUM writes each row's
+    # sum over its steps of softplus(delta + bias) to dsum (rows, D); SEG_CARRY starts row b from the state that
+    # enters its segment, carried in here from the earlier segments' (carry_dsum, carry_part) (S, D), (S, D, N):
+    # h = exp(A * dsum[s]) h + part[s] for s < seg_first + b, from the one h0 (D, N) of the sequence (or zero).
     # Tiles are (T, N, BD): time, state, channel (see "Register layout" in the module docstring).
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -224,10 +229,22 @@ def _scan_fwd_kernel(
     first = offs_l[:, None, None] == 0
     last = offs_l[:, None, None] == BLOCK_L - 1
 
-    if HAS_H0:
+    dn_off = offs_d[None, :] * dstate + offs_n[:, None]  # (N, BD) into (D, N)
+    if SEG_CARRY:
+        if HAS_H0:
+            h = tl.load(h0_ptr + dn_off, mask=mask_nd, other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for s in range(seg_first + pid_b):
+            dsum_s = tl.load(carry_dsum_ptr + s * dim + offs_d, mask=mask_d, other=0.0)
+            part_s = tl.load(carry_part_ptr + s * dim * dstate + dn_off, mask=mask_nd, other=0.0)
+            h = tl.exp2(A2 * dsum_s[None, :]) * h + part_s
+    elif HAS_H0:
         h = tl.load(h0_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if STORE_DSUM:
+        dsum = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     for c in range(n_chunks):
         t = c * BLOCK_L + offs_l
@@ -249,6 +266,8 @@ def _scan_fwd_kernel(
         if SOFTPLUS:
             dl = _softplus(dl)
         dl = tl.where(mask_ld, dl, 0.0)  # padded steps: a = 1, x = 0, the state passes through
+        if STORE_DSUM:
+            dsum += tl.sum(dl, axis=0)
         Bt = tl.load(B_ptr + B_row[None, :] + t64 * sB_l, mask=mask_ln, other=0.0).to(tl.float32)  # (T, N)
         Ct = tl.load(C_ptr + C_row[None, :] + t64 * sC_l, mask=mask_ln, other=0.0).to(tl.float32)
 
@@ -275,18 +294,20 @@ def _scan_fwd_kernel(
         h = tl.sum(tl.where(last, hs, -0.0), axis=0)  # padded steps kept the state of step L-1
 
     tl.store(last_ptr + nd_off, h, mask=mask_nd)
+    if STORE_DSUM:
+        tl.store(dsum_ptr + pid_b * dim + offs_d, dsum, mask=mask_d)
 
 
 @triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr, dlast_ptr,
-    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
-    dim, length, dstate, n_chunks,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr, carry_dsum_ptr, carry_part_ptr,
+    dim, length, dstate, n_chunks, seg_first, n_seg,
     su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sdu_b, sdu_d, sdu_l, sddl_b, sddl_d, sddl_l, sdz_b, sdz_d, sdz_l,
     sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdB_b, sdB_n, sdB_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SOFTPLUS: tl.constexpr, ADJOINT_ONLY: tl.constexpr,
+    SOFTPLUS: tl.constexpr, ADJOINT_ONLY: tl.constexpr, HAS_DLAST: tl.constexpr, SEG_CARRY: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # Inputs as in the forward; states: (B, D, n_chunks, N); dout: (B, D, L) with strides sg_*; dlast: (B, D, N).
@@ -295,6 +316,9 @@ def _scan_bwd_kernel(
     # dA (B, D, N), dD and dbias (B, D) fp32 per batch row; dh0 (B, D, N) fp32.
     # ADJOINT_ONLY: only dh0 (the adjoint carried through the whole row), nothing else read or written but delta,
     # C, z, dout, dlast: what `triton_scan_seg` needs of each segment before the real backward.
+    # HAS_DLAST false: a zero incoming adjoint. SEG_CARRY (segments as rows, see the forward): the adjoint entering
+    # row b from its end is carried in from the later segments: q = exp(A * dsum[s]) q + part[s] for s from
+    # n_seg - 1 down to seg_first + b + 1, starting from the sequence's one dlast (D, N).
     # Tiles are (T, D2, N, D1): the program's BLOCK_D2 * BLOCK_D1 channels are split into D2 groups held in
     # registers and D1 channels along the lanes (see "Register layout" in the module docstring).
     pid_b = tl.program_id(0).to(tl.int64)
@@ -324,7 +348,19 @@ def _scan_bwd_kernel(
     first = offs_l[:, None, None, None] == 0
     last = offs_l[:, None, None, None] == BLOCK_L - 1
 
-    q = tl.load(dlast_ptr + bdn_off, mask=mask_dnd, other=0.0).to(tl.float32)  # a_{t1} g_{t1} after the chunk
+    # q: a_{t1} g_{t1}, the adjoint handed in from after the chunk
+    if not HAS_DLAST:
+        q = tl.zeros([BLOCK_D2, BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    elif SEG_CARRY:
+        q = tl.load(dlast_ptr + dnd, mask=mask_dnd, other=0.0).to(tl.float32)
+    else:
+        q = tl.load(dlast_ptr + bdn_off, mask=mask_dnd, other=0.0).to(tl.float32)
+    if SEG_CARRY:
+        for i in range(n_seg - 1 - seg_first - pid_b):
+            s = n_seg - 1 - i
+            dsum_s = tl.load(carry_dsum_ptr + s * dim + offs_d, mask=mask_d, other=0.0)[:, None, :]
+            part_s = tl.load(carry_part_ptr + s * dim * dstate + dnd, mask=mask_dnd, other=0.0)
+            q = tl.exp2(A2 * dsum_s) * q + part_s
     dA_acc = tl.zeros([BLOCK_D2, BLOCK_N, BLOCK_D1], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_D2, BLOCK_D1], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_D2, BLOCK_D1], dtype=tl.float32)
@@ -458,37 +494,45 @@ def _strides(*tensors) -> list[int]:
 
 
 def launch_fwd(u, delta, A32, B, C, D, z, delta_bias, h0, out, last, states, softplus: bool,
-               fwd_cfg: ScanConfig, bwd_cfg: ScanConfig) -> None:
+               fwd_cfg: ScanConfig, bwd_cfg: ScanConfig, dsum=None, carry=None, seg_first: int = 0) -> None:
     """One forward launch over (B', D, L') views of any strides (the batch may be a set of segments of L, see
     `triton_scan_seg`): writes out, last (B', D, N) fp32 and, if `states` is given, the backward's checkpoints
-    (B', D, ceil(L'/bwd_cfg.block_l), N) fp32. h0, last and states are contiguous."""
+    (B', D, ceil(L'/bwd_cfg.block_l), N) fp32. h0, last and states are contiguous. Segments: `dsum` (B', D)
+    receives each row's sum of softplus(delta + bias); `carry` = (dsum, part) of all segments makes row b start
+    from the state entering segment seg_first + b, h0 then being the sequence's (D, N) initial state."""
     batch, dim, length = u.shape
     dstate = A32.shape[1]
     save = states is not None
+    carry_dsum, carry_part = carry if carry is not None else (None, None)
     _scan_fwd_kernel[_grid(batch, dim, fwd_cfg)](
-        u, delta, A32, B, C, D, z, delta_bias, h0, out, last, states,
-        dim, length, dstate, triton.cdiv(length, fwd_cfg.block_l), states.shape[2] if save else 0,
+        u, delta, A32, B, C, D, z, delta_bias, h0, out, last, states, dsum, carry_dsum, carry_part,
+        dim, length, dstate, triton.cdiv(length, fwd_cfg.block_l), states.shape[2] if save else 0, seg_first,
         *_strides(u, delta, z, out, B, C),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
         SOFTPLUS=softplus, SAVE_STATES=save, SAVE_EVERY=bwd_cfg.block_l,
-        BLOCK_D=fwd_cfg.block_d, BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l, num_warps=fwd_cfg.num_warps,
+        STORE_DSUM=dsum is not None, SEG_CARRY=carry is not None, BLOCK_D=fwd_cfg.block_d, BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l, num_warps=fwd_cfg.num_warps,
     )
 
 
 def launch_bwd(u, delta, A32, B, C, D, z, delta_bias, states, dout, dlast, du, ddelta, dA, dB, dC, dD, dz, dbias,
-               dh0, softplus: bool, cfg: ScanConfig, adjoint_only: bool = False) -> None:
+               dh0, softplus: bool, cfg: ScanConfig, adjoint_only: bool = False, carry=None, seg_first: int = 0,
+               n_seg: int = 0) -> None:
     """One backward launch over (B', D, L') views (as `launch_fwd`). dB and dC are fp32, zeroed by the caller,
-    accumulated atomically, with B's strides. `adjoint_only`: write dh0 only (u, B, states and the other outputs
-    are not touched and may be None)."""
+    accumulated atomically, with B's strides. dlast None: a zero incoming adjoint. `adjoint_only`: write dh0 only
+    (u, B, states and the other outputs are not touched and may be None). `carry` = (dsum, part) of all n_seg
+    segments: row b's incoming adjoint is carried in from the segments after seg_first + b, dlast then being the
+    sequence's (D, N) final-state gradient."""
     batch, dim, length = delta.shape
     dstate = A32.shape[1]
+    carry_dsum, carry_part = carry if carry is not None else (None, None)
     _scan_bwd_kernel[_grid(batch, dim, cfg)](
         u, delta, A32, B, C, D, z, delta_bias, states, dout, dlast,
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0,
-        dim, length, dstate, triton.cdiv(length, cfg.block_l),
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, carry_dsum, carry_part,
+        dim, length, dstate, triton.cdiv(length, cfg.block_l), seg_first, n_seg,
         *_strides(u, delta, z, dout, du, ddelta, dz, B, C, dB),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=dh0 is not None,
-        SOFTPLUS=softplus, ADJOINT_ONLY=adjoint_only, BLOCK_D2=cfg.d_regs, BLOCK_D1=cfg.block_d // cfg.d_regs,
+        SOFTPLUS=softplus, ADJOINT_ONLY=adjoint_only, HAS_DLAST=dlast is not None, SEG_CARRY=carry is not None,
+        BLOCK_D2=cfg.d_regs, BLOCK_D1=cfg.block_d // cfg.d_regs,
         BLOCK_N=_block_n(dstate), BLOCK_L=cfg.block_l, num_warps=cfg.num_warps,
     )
 

@@ -71,7 +71,7 @@ def in_layout(t: torch.Tensor, layout: str, seed: int = 0) -> torch.Tensor:
         out = t.transpose(1, 2).contiguous().transpose(1, 2)
     else:
         g = torch.Generator().manual_seed(seed)
-        buf = torch.randn(batch, length, dim + 5, generator=g).to(t.dtype)
+        buf = torch.randn(batch, length, dim + 5, generator=g).to(device=t.device, dtype=t.dtype)
         buf[..., 2:2 + dim] = t.transpose(1, 2)
         out = buf[..., 2:2 + dim].transpose(1, 2)
     assert torch.equal(out, t)
