@@ -14,11 +14,11 @@ partials are summed by a second small kernel, deterministic, no atomics), stream
 (BLOCK_N, BLOCK_K) tiles with 16-byte vector loads (INT4: int32 words of 8 nibbles), loads each group's
 scale/zero once per tile, dequantizes and multiplies every row of x against the same registers.
 
-Dequantization without int→float conversions (quarter-rate on the GPU): nibble i of a word is placed in the
-mantissa of 2^23, `((w >> 4i) & 15) | 0x4B000000` read as fp32 = 2^23 + q exactly; subtracting (2^23 + z) gives
-q − z exactly and × s is then the same fp32 product as `primitives.dequantize`, so kernel and reference differ
-only in summation order. The 8 nibbles of a word are interleaved back into column order by `tl.join` (in
-registers) so that x is read contiguously. FP8 uses the hardware E4M3 → fp32 conversion (sm_89+).
+Dequantization without int→float conversions (quarter-rate on the GPU): nibble i of a word is shifted to the top of
+the mantissa of 1.0, read as fp32 f = 1 + q/16 exactly, and one FMA with per-group constants gives f·16s − (16 +
+z)·s = (q − z)·s, every step exact in fp32 for bf16/fp16 scales: the same values as `primitives.dequantize`, so
+kernel and reference differ only in summation order. The 8 nibbles of a word are interleaved back into column order
+by `tl.join` (in registers) so that x is read contiguously. FP8 uses the hardware E4M3 → fp32 conversion (sm_89+).
 
 Napkin math (H200, ~3.3 TB/s achievable of 4 TB/s copy; `2b` preset: d=2048, E=4096, I=6144, 24 layers):
 - INT4 g128 bytes per weight: 0.5 (nibble) + (2 B bf16 scale + 1 B zero)/128 = 0.523 B; FP8: 1 + 4/K B.
@@ -26,8 +26,9 @@ Napkin math (H200, ~3.3 TB/s achievable of 4 TB/s copy; `2b` preset: d=2048, E=4
   2048×4096 (4.4 MB → 1.3 µs), fc1 12288×2048 (13.2 MB → 4.0 µs), fc2 2048×6144 (6.6 MB → 2.0 µs): 33.3 MB,
   10.1 µs per layer, 0.24 ms for 24 layers (FP8: 63.6 MB, 0.46 ms; bf16: 127 MB, 0.92 ms). The bf16 LM head
   (2048×128K, 0.52 GB) adds 0.16 ms to every variant.
-- Work per weight at M=1: 2 integer ops + 2 fp32 ops (dequant) + 1 FMA per row of x; streaming 0.52 B/weight at
-  3.3 TB/s is ~24 weights per SM per clock (132 SMs, 1.98 GHz), within the 64 int / 128 fp32 lanes per clock.
+- Work per weight at M=1: 2 integer ops + 1 FMA (dequant) + 1 FMA per row of x (+ the bf16 → fp32 of x); streaming
+  0.52 B/weight at 3.3 TB/s is ~24 weights per SM per clock (132 SMs, 1.98 GHz): ~100 of the 128 instructions an
+  SM issues per clock, so the instruction count, not only the bytes, sets the pace (the sweep's job).
   At M=16 the FMAs (16 per weight, 384 per SM-clock at that rate) make it compute-bound near ~3× the read floor,
   still below a bf16 read of the same layer.
 
@@ -49,8 +50,6 @@ from .triton_scan import _on_device
 
 GEMV_MAX_ROWS = 16  # rows of x (tokens) up to which the GEMV kernels apply; above, a dequantize + dense matmul
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-_MAGIC = 0x4B000000  # fp32 bits of 2^23: OR-ing a 4-bit q into the mantissa gives 2^23 + q exactly
-_TWO_23 = 8388608.0
 
 
 @dataclass(frozen=True)
@@ -97,10 +96,25 @@ def split_k_for(n: int, k: int, block_n: int, block_k: int, device: torch.device
 
 
 @triton.jit
-def _nibble(words, SHIFT: tl.constexpr, zb, s):
-    """(q − z)·s in fp32 for the nibble at bit SHIFT of each int32 word; zb = 2^23 + z."""
-    f = (((words >> SHIFT) & 15) | 0x4B000000).to(tl.float32, bitcast=True)
-    return (f - zb) * s
+def _nibble(words, SHIFT: tl.constexpr, a, b):
+    """(q − z)·s in fp32 for the nibble q at bit SHIFT of each int32 word, given a = 16·s and b = −(16 + z)·s.
+
+    q goes to the top of the fp32 mantissa of 1.0: f = 1 + q/16 exactly (a shift and one AND-OR), and
+    f·a + b = (16 + q)·s − (16 + z)·s = (q − z)·s. With bf16/fp16 scales every intermediate is exact in fp32
+    (≤ 16 significant bits), so this is bit for bit `primitives.dequantize`, with one FMA per weight."""
+    if SHIFT <= 19:
+        bits = words << (19 - SHIFT)
+    else:
+        bits = words >> (SHIFT - 19)
+    f = ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return f * a + b
+
+
+@triton.jit
+def _scale_terms(s, z):
+    """(a, b) = (16·s, −(16 + z)·s) (BLOCK_N, GPT, 1) fp32 from a tile's scales and zeros (BLOCK_N, GPT)."""
+    s = s.to(tl.float32)
+    return (16.0 * s)[:, :, None], (-(z.to(tl.float32) + 16.0) * s)[:, :, None]
 
 
 @triton.jit
@@ -137,14 +151,13 @@ def _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn,
 @triton.jit
 def _int4_tile(words, s, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Dequantized tile (BLOCK_N, BLOCK_K) fp32 in column order from `_int4_load`'s words, scales and zeros."""
-    zb = (z.to(tl.float32) + 8388608.0)[:, :, None]
-    s = s.to(tl.float32)[:, :, None]
+    a, b = _scale_terms(s, z)
     # Nibble i of word w is column 8w + i: join the eight (BLOCK_N, GPT, GW) planes so that the flattened
     # (…, 2, 2, 2) index 4a + 2b + c is nibble 4a + 2b + c (the outermost join's operand is the last index).
-    lo = tl.join(tl.join(_nibble(words, 0, zb, s), _nibble(words, 16, zb, s)),
-                 tl.join(_nibble(words, 8, zb, s), _nibble(words, 24, zb, s)))
-    hi = tl.join(tl.join(_nibble(words, 4, zb, s), _nibble(words, 20, zb, s)),
-                 tl.join(_nibble(words, 12, zb, s), _nibble(words, 28, zb, s)))
+    lo = tl.join(tl.join(_nibble(words, 0, a, b), _nibble(words, 16, a, b)),
+                 tl.join(_nibble(words, 8, a, b), _nibble(words, 24, a, b)))
+    hi = tl.join(tl.join(_nibble(words, 4, a, b), _nibble(words, 20, a, b)),
+                 tl.join(_nibble(words, 12, a, b), _nibble(words, 28, a, b)))
     return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
 
 
@@ -188,16 +201,15 @@ def _int4_gemv_kernel(
                 part = tl.sum(w * x[None, :], axis=1)  # (BLOCK_N,)
                 acc += tl.where(m_idx[None, :] == m, part[:, None], 0.0)
         else:  # eight nibble planes, each against x at stride 8 (no in-register interleave)
-            zb = (z.to(tl.float32) + 8388608.0)[:, :, None]
-            sf = s.to(tl.float32)[:, :, None]
-            p0 = _nibble(words, 0, zb, sf)
-            p1 = _nibble(words, 4, zb, sf)
-            p2 = _nibble(words, 8, zb, sf)
-            p3 = _nibble(words, 12, zb, sf)
-            p4 = _nibble(words, 16, zb, sf)
-            p5 = _nibble(words, 20, zb, sf)
-            p6 = _nibble(words, 24, zb, sf)
-            p7 = _nibble(words, 28, zb, sf)
+            a, b = _scale_terms(s, z)
+            p0 = _nibble(words, 0, a, b)
+            p1 = _nibble(words, 4, a, b)
+            p2 = _nibble(words, 8, a, b)
+            p3 = _nibble(words, 12, a, b)
+            p4 = _nibble(words, 16, a, b)
+            p5 = _nibble(words, 20, a, b)
+            p6 = _nibble(words, 24, a, b)
+            p7 = _nibble(words, 28, a, b)
             k = kt * BLOCK_K + col8
             for m in tl.static_range(BLOCK_M):
                 xp = x_ptr + tl.minimum(m, M - 1) * s_xm + k
