@@ -15,8 +15,9 @@ Backends (`FP8_BACKENDS`, chosen here and only here):
   FP8 GEMM path is ~10 small kernels per layer (row amax, divide, clamp, cast, `_scaled_mm`); the GEMV is one
   weight stream. Larger inputs take the "auto" path below. Needs a CUDA GPU with FP8 (sm_89+) or Triton's CPU
   interpreter.
-- "auto": the Triton GEMV for bf16/fp16 inputs of ≤ 16 rows on an FP8 GPU; otherwise "scaled_mm" where it can
-  run, else "emulated" (warning once on a CUDA GPU without FP8).
+- "auto": the Triton GEMV for bf16/fp16 inputs of ≤ 4 rows on an FP8 GPU (on the H200 at one row 4x faster than
+  `_scaled_mm` with its activation quantization, at 16 rows 1.8x slower: BENCHMARKS.md, "Quantized decoding");
+  otherwise "scaled_mm" where it can run, else "emulated" (warning once on a CUDA GPU without FP8).
 Asking for "scaled_mm" or "triton" where it cannot run is an error naming the problem.
 
 The E4M3 bytes are stored as uint8 (`qweight`), so `model.to(dtype)` and checkpoint loading never cast them.
@@ -53,6 +54,7 @@ E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 FP8_BACKENDS = ("auto", "emulated", "scaled_mm", "triton")
 FP8_MIN_CAPABILITY = (8, 9)
 FP8_GEMV_MAX_ROWS = 16  # = triton_gemv.GEMV_MAX_ROWS (not imported here: quant must import without triton)
+FP8_GEMV_AUTO_MAX_ROWS = 4  # "auto" takes the GEMV up to here (its time grows ~linearly with the rows)
 
 
 @functools.cache
@@ -102,7 +104,7 @@ def resolve_fp8_backend(backend: str, device: torch.device | str, shape_ok: bool
         if small:
             return "triton"
         backend = "auto"
-    elif (backend == "auto" and small and dtype in (torch.bfloat16, torch.float16)
+    elif (backend == "auto" and small and rows <= FP8_GEMV_AUTO_MAX_ROWS and dtype in (torch.bfloat16, torch.float16)
           and torch.device(device).type == "cuda" and fp8_triton_problem(device) is None):
         return "triton"
     problem = _device_problem(torch.device(device))

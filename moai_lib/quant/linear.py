@@ -18,9 +18,10 @@ Matmul backends (`INT_BACKENDS`, chosen in `QuantizedLinear.resolve_backend` and
   ~3.6× above its weight-read floor at M = 1), and for more rows one kernel that dequantizes Ŵ followed by a
   dense matmul. 4 bits, group_size 32-256, no permuted g_idx; CUDA (or Triton's CPU interpreter). The
   dequantization is exactly ours ((q − z)·s in fp32), accumulation in fp32.
-- "auto": on CUDA, "triton" for bf16/fp16 activations where it applies; else "int4mm" for bf16 activations
-  where it applies, else "dequant": the automatic choice never lowers the activation precision (fp32 models keep
-  fp32 matmuls; QAT's bit-exactness relies on this).
+- "auto": "int4mm" for bf16 activations where it applies, else "dequant": the automatic choice never lowers the
+  activation precision (fp32 models keep fp32 matmuls; QAT's bit-exactness relies on this). Not "triton": on the
+  H200 its GEMV is level with tinygemm at one row of the 2b preset's layers and 3x slower at 16 rows
+  (BENCHMARKS.md, "Quantized decoding"); ask for it explicitly.
 
 One copy of the integers on the GPU: "int4mm" keeps them in tinygemm's layout (the uint8 `qweight` released),
 "triton" in the uint8 `qweight`; switching a layer's backend converts (exactly) from one to the other.
@@ -201,8 +202,6 @@ class QuantizedLinear(nn.Module):
             if problem:
                 raise QuantizationError(f"int: backend 'int4mm' cannot run here: {problem}; use backend='dequant'")
             return "int4mm"
-        if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and self.triton_problem(device) is None:
-            return "triton"
         return "int4mm" if problem is None and dtype == torch.bfloat16 else "dequant"
 
     def _int4mm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

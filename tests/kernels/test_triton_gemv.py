@@ -193,7 +193,7 @@ def test_interpreted_modules_use_the_gemv_and_keep_one_copy(interpreted):
         r = mods[f"int4_rows{rows}"]
         assert r["excess"] <= 1.0 and r["shape"] == shape and r["dtype"] == "torch.bfloat16", (rows, r)
     assert mods["int4_keeps_uint8"] and mods["int4_back_from_int4pack"] and mods["int4_strided_input"]
-    assert mods["auto_on_cpu"] == "int4mm"  # auto picks the Triton GEMV on CUDA only
+    assert mods["auto_on_cpu"] == "int4mm"  # auto: tinygemm where it applies (the GEMV only when asked for)
     assert mods["fp8_rows2"]["excess"] <= 1.0
     assert mods["fp8_rows17_is_activation_quantized"]
 
@@ -245,7 +245,7 @@ def test_gpu_fp8_gemv_real_width(layer, m):
 
 @cuda
 @torch.no_grad()
-def test_gpu_modules_auto_pick_the_gemv_and_keep_one_copy():
+def test_gpu_modules_gemv_keeps_one_copy():
     from torch import nn
 
     from moai_lib.quant import Float8Linear, QuantizedLinear
@@ -254,6 +254,7 @@ def test_gpu_modules_auto_pick_the_gemv_and_keep_one_copy():
     torch.manual_seed(0)
     linear = nn.Linear(2048, 8192, bias=False, device="cuda", dtype=torch.bfloat16)
     layer = QuantizedLinear.from_float(linear, 4, 128, symmetric=False)
+    layer.backend = "triton"  # explicit: "auto" takes tinygemm (see QuantizedLinear)
     qweight = layer.qweight.clone()
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
     assert layer.resolve_backend(x.device, x.dtype) == "triton"
@@ -265,7 +266,7 @@ def test_gpu_modules_auto_pick_the_gemv_and_keep_one_copy():
     assert P.sqnr(ref, y) > 40
     layer.backend = "int4mm"  # the anchor: tinygemm's layout replaces the uint8 copy, and back
     assert P.sqnr(ref, layer(x)) > 35 and layer.qweight.numel() == 0
-    layer.backend = "auto"
+    layer.backend = "triton"
     assert torch.equal(layer(x), y) and torch.equal(layer.qweight, qweight)
     prefill = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)  # > 16 rows: dequantize + matmul
     fast = layer(prefill)
@@ -288,6 +289,7 @@ def test_gpu_gemv_captures_in_a_cuda_graph():
     from moai_lib.quant import QuantizedLinear
 
     layer = QuantizedLinear.from_float(nn.Linear(6144, 2048, device="cuda", dtype=torch.bfloat16), 4, 128, False)
+    layer.backend = "triton"
     x = torch.randn(1, 6144, device="cuda", dtype=torch.bfloat16)
     eager = layer(x)  # compiles; split-K at N = 2048 (two kernels)
     graph = torch.cuda.CUDAGraph()

@@ -41,7 +41,7 @@ def _layer(in_features=5120, out_features=1536):  # in > 4096: the read-back run
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=True, device="cuda", dtype=torch.bfloat16)
     layer = QuantizedLinear.from_float(linear, bits=4, group_size=128, symmetric=False)
-    layer.backend = "int4mm"  # auto on CUDA is the Triton GEMV, which keeps the uint8 copy (test_triton_gemv)
+    layer.backend = "int4mm"  # explicit (also auto's choice on CUDA); the Triton GEMV keeps the uint8 copy instead
     return layer
 
 
