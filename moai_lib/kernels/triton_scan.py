@@ -42,11 +42,11 @@ Triton specializes integer arguments equal to 1 into constants, so contiguous (B
 same unit-stride time addressing as before (sm_90, Triton 3.9, BF16: forward 1272 SASS instructions vs 1360,
 backward 1632 vs 1664, registers unchanged at the 255 cap, no spills); channels-last ones get unit-stride channels
 instead: a warp's load of one time step is 32 consecutive channels (64 B in bf16) rather than 32 rows of 4 steps.
-What channels-last saves is outside the kernel: in the torch-layout mixer (B, E, L) each of x, z, dt, y needed
-a transposed copy (`.contiguous()`, or the copy a matmul makes of a transposed operand) in the forward and again
-in the backward, 2s bytes read + 2s written per element each time (8 B in bf16), plus the same for B and C at N/E
-of the size: ~6 of them per layer, forward + backward, ~50 B per (b, e, t) element, several times the scan's own
-22 B (the copies were ~31% of a 370m training step's GPU time; BENCHMARKS.md section 3).
+What channels-last saves is outside the kernel. Per (b, e, t) element, bf16 autocast, the (B, E, L) mixer's
+forward copied delta and z (`.contiguous()`, 4 B each: 2 read + 2 written), x for x_proj and y for out_proj
+(the matmul's copy of a transposed operand, 4 B each) and cast y to fp32 and back (12 B): 28 B, plus ~30 B in
+torch's conv (pad, fp32 copy, conv, SiLU, cast); its backward mirrored most of it. Against the scan's own 22 B
+forward + backward, those copies were ~31% of a 370m training step's GPU time (BENCHMARKS.md section 3).
 
 Backward (recomputation instead of stored B*D*L*N intermediates): when a gradient is needed, the forward also
 writes the state entering each backward chunk, (B, D, ceil(L/T_bwd), N) fp32. The backward program walks its
