@@ -109,7 +109,9 @@ def _conv_fwd_kernel(
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     pre = _pre_activation(x_ptr, offs_d * sx_d, init_ptr, offs_d * si_d, w_ptr, offs_d,
                           mask_d, bias, t, length, sx_l, si_l, WIDTH, HAS_BIAS, HAS_INIT, BLOCK_L, BLOCK_D)
     out = pre * tl.sigmoid(pre) if SILU else pre
@@ -142,7 +144,9 @@ def _conv_bwd_kernel(
     d64 = offs_d.to(tl.int64)
     x_row, init_row = offs_d * sx_d, offs_d * si_d
     g_row, dx_row = offs_d * sg_d, offs_d * sdx_d
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
     dw = tl.zeros([BLOCK_D, WIDTH_P2], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
