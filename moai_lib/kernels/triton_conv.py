@@ -42,10 +42,10 @@ from ..errors import MoaiError
 from .reference import causal_conv1d_ref
 
 MAX_WIDTH = 4  # the kernels unroll W^2 shifted loads; mamba's conv is W = 4
-# Tiles of 128 channels by 16 steps (forward) or 8 steps (backward), 4 warps. Compiled for sm_90 (Triton 3.9,
-# `cuobjdump -res-usage`), W = 4, bf16, SiLU: forward 84 registers, backward 125, no spills, ~700 and ~1650
-# SASS instructions per tile. 64-step tiles spill (forward 584 B of stack, backward 7 KB), 16-step backward
-# tiles too (208 B).
+# Tiles of 128 channels by 16 steps (forward) or 8 steps (backward), 4 warps. Compiled offline for sm_90
+# (`cuobjdump -res-usage`; W = 4, bf16, SiLU): Triton 3.6 (the GPU machine's) forward 64 registers, backward 144,
+# no spills, ~720 and ~1600 SASS instructions per tile. With Triton 3.9, 64-step tiles spill (forward 584 B of
+# stack, backward 7 KB), and so do 16-step backward tiles (208 B).
 _BLOCK_D = 128
 _FWD_BLOCK_L = 16
 _BWD_BLOCK_L = 8
