@@ -3,15 +3,17 @@
 Question: how fast are the Triton scan's forward and forward+backward at B=8, D=4096, N=16, bf16, against the
 mamba-ssm anchor, and what fraction of the H200's limits do they reach?
 
-First it validates every variant it will time (and every launch shape of ours) against the sequential reference
-on a small problem, outputs and all gradients; a variant that fails validation is not timed. Then it times, with
-CUDA events after warmup (median), forward (under no_grad) and forward+backward for L in 512, 2K, 8K, 32K:
+First it validates every variant it will time (and every launch shape of ours) against the sequential reference on a
+small problem, outputs and all gradients; a variant that fails validation is not timed. "triton channels-last
+(ours)" is our scan on the mixer's layout (u, delta, z, dy as (B, L, D) memory viewed as (B, D, L), z and B/C as
+column slices of in_proj's / x_proj's outputs; `MambaMixer.forward` with backend triton): no copies. Then it times,
+with CUDA events after warmup (median), forward (under no_grad) and forward+backward for L in 512, 2K, 8K, 32K:
 ours, mamba-ssm's `selective_scan_fn` when importable (the anchor; build it on the machine first), the pure-torch
-chunked scan (`kernels/cpu.py`, L <= 2048) and the sequential reference (L = 2048, forward, one repeat).
-Achieved GB/s use `triton_scan.essential_bytes` (the bytes any implementation must move: 8 B per element
-forward, 22 B forward+backward in bf16) against ~4 TB/s of HBM copy bandwidth; the exp floor is B*D*L*N
-exponentials per pass at 16 per clock per SM. A variant that fails (out of memory, compile error) records the
-error in its row and the run goes on.
+chunked scan (`kernels/cpu.py`, L <= 2048) and the sequential reference (L = 2048, forward, one repeat). Achieved
+GB/s use `triton_scan.essential_bytes` (the bytes any implementation must move: 8 B per element forward, 22 B
+forward+backward in bf16) against ~4 TB/s of HBM copy bandwidth; the exp floor is B*D*L*N exponentials per pass at
+16 per clock per SM. A variant that fails (out of memory, compile error) records the error in its row and the run
+goes on.
 
     python benchmarks/bench_scan_gpu.py            # a few minutes on an H200, Triton compiles included
     python benchmarks/bench_scan_gpu.py --sweep    # first times 5+5 launch shapes of ours at L=2048 and uses the
@@ -55,12 +57,34 @@ FWD_SWEEP_SMALL = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (16, 4, 2), (8, 8, 1)]
 BWD_SWEEP_SMALL = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (4, 2, 1), (16, 4, 2, 2)]
 
 
-def make_inputs(batch, dim, dstate, length, dtype, seed=0):
-    """Mamba-like inputs: A = -(1..N) (the A_log init), dt bias = inverse softplus of log-uniform [1e-3, 0.1]."""
+def channels_last(inputs: dict) -> dict:
+    """The mixer's layout (`MambaMixer.forward`, backend triton) with the same values: u, delta as (B, L, D)
+    memory viewed transposed; z as the second half of a (B, L, 2D) tensor (in_proj's output); B, C as columns of a
+    (B, L, R + 2N) tensor (x_proj's output, R = ceil(D / 16))."""
+    u = inputs["u"]
+    batch, dim, length = u.shape
+    dstate = inputs["B"].shape[1]
+    rank = -(-dim // 16)
+    xz = torch.empty(batch, length, 2 * dim, device=u.device, dtype=u.dtype)
+    xz[..., dim:] = inputs["z"].transpose(1, 2)
+    x_dbl = torch.zeros(batch, length, rank + 2 * dstate, device=u.device, dtype=u.dtype)
+    x_dbl[..., rank:rank + dstate] = inputs["B"].transpose(1, 2)
+    x_dbl[..., rank + dstate:] = inputs["C"].transpose(1, 2)
+    return dict(inputs, u=u.transpose(1, 2).contiguous().transpose(1, 2),
+                delta=inputs["delta"].transpose(1, 2).contiguous().transpose(1, 2), z=xz[..., dim:].transpose(1, 2),
+                B=x_dbl[..., rank:rank + dstate].transpose(1, 2), C=x_dbl[..., rank + dstate:].transpose(1, 2))
+
+
+CHANNELS_LAST = "triton channels-last (ours)"
+
+
+def make_inputs(batch, dim, dstate, length, dtype, seed=0, layout_cl=False):
+    """Mamba-like inputs: A = -(1..N) (the A_log init), dt bias = inverse softplus of log-uniform [1e-3, 0.1].
+    layout_cl: in the mixer's channels-last layout (`channels_last`)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     randn = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     dt = torch.exp(torch.rand(dim, device="cuda", generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    return dict(
+    inputs = dict(
         u=randn(batch, dim, length).to(dtype),
         delta=(0.5 * randn(batch, dim, length)).to(dtype),
         A=-torch.arange(1, dstate + 1, device="cuda", dtype=torch.float32).repeat(dim, 1),
@@ -70,6 +94,7 @@ def make_inputs(batch, dim, dstate, length, dtype, seed=0):
         z=randn(batch, dim, length).to(dtype),
         delta_bias=dt + torch.log(-torch.expm1(-dt)),
     )
+    return channels_last(inputs) if layout_cl else inputs
 
 
 def scan_variants(fwd_cfg, bwd_cfg, swept: bool):
@@ -78,9 +103,10 @@ def scan_variants(fwd_cfg, bwd_cfg, swept: bool):
     from moai_lib.kernels.triton_scan import ScanConfig, selective_scan_triton
 
     fc, bc = ScanConfig(*fwd_cfg), ScanConfig(*bwd_cfg)
+    ours = (lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc)) if swept else selective_scan_triton
     variants = {
-        "triton (ours)": (lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc)) if swept
-        else selective_scan_triton,
+        "triton (ours)": ours,
+        CHANNELS_LAST: ours,
         # The same kernels without the split over L that small batches get (`triton_scan_seg`).
         "triton (ours, unsplit)": lambda **kw: selective_scan_triton(**kw, fwd_config=fc, bwd_config=bc,
                                                                      segment_len=0),
@@ -102,11 +128,11 @@ def fwd_bwd_grads(fn, inputs, dy):
     return y, dict(zip(leaves, grads, strict=True))
 
 
-def max_scaled_error(fn, dtype) -> float:
+def max_scaled_error(fn, dtype, layout_cl=False) -> float:
     """Largest error of y and every gradient against the fp32 sequential reference, scaled by the reference's
     largest magnitude, on a small problem with the inputs rounded to `dtype`."""
     shape = VALIDATION_SHAPE
-    inputs = make_inputs(*shape, dtype, seed=1)
+    inputs = make_inputs(*shape, dtype, seed=1, layout_cl=layout_cl)
     dy = torch.randn(shape[0], shape[1], shape[3], device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     y, grads = fwd_bwd_grads(fn, inputs, dy.to(dtype))
     y_ref, grads_ref = fwd_bwd_grads(selective_scan_ref, {k: v.float() for k, v in inputs.items()}, dy)
@@ -122,7 +148,7 @@ def validate(name, fn) -> str | None:
     """None when `fn` matches the reference in fp32 and bf16, else the reason."""
     try:
         for dtype, tol in VALIDATION_TOL.items():
-            err = max_scaled_error(fn, dtype)
+            err = max_scaled_error(fn, dtype, layout_cl=name == CHANNELS_LAST)
             if not err <= tol:
                 return f"validation failed in {dtype}: scaled error {err:.2e} > {tol:.0e}"
     except Exception as exc:
@@ -150,8 +176,9 @@ def time_ms(fn, warmup: int, repeats: int | None) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure(fn, batch, dim, dstate, length, mode: str, warmup: int, repeats: int | None) -> float:
-    inputs = make_inputs(batch, dim, dstate, length, torch.bfloat16)
+def measure(fn, batch, dim, dstate, length, mode: str, warmup: int, repeats: int | None,
+            layout_cl: bool = False) -> float:
+    inputs = make_inputs(batch, dim, dstate, length, torch.bfloat16, layout_cl=layout_cl)
     if mode == "fwd":
         def run():
             with torch.no_grad():
@@ -159,6 +186,8 @@ def measure(fn, batch, dim, dstate, length, mode: str, warmup: int, repeats: int
     else:
         leaves = {k: v.requires_grad_() for k, v in inputs.items()}
         dy = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16)
+        if layout_cl:  # out_proj's backward gives dy as (B, L, D) memory
+            dy = dy.transpose(1, 2).contiguous().transpose(1, 2)
 
         def run():
             y = fn(**leaves, delta_softplus=True)
@@ -255,7 +284,8 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
     for length in lengths:
-        for name in ("triton (ours)", "triton (ours, unsplit)", "mamba-ssm", "torch chunked", "reference"):
+        for name in ("triton (ours)", CHANNELS_LAST, "triton (ours, unsplit)", "mamba-ssm", "torch chunked",
+                     "reference"):
             for mode in ("fwd", "fwd+bwd"):
                 if name == "triton (ours, unsplit)" and not segment_len_for(args.batch, args.dim, length):
                     continue  # ours does not split at this shape: the same row twice
@@ -269,11 +299,12 @@ def main() -> None:
                 if status[name] is not None:
                     row["error"] = status[name]
                 else:
-                    slow = not name.startswith("triton") and name != "mamba-ssm"
+                    slow = name in ("torch chunked", "reference")
                     try:
                         ms = measure(variants[name], args.batch, args.dim, args.dstate, length, mode,
                                      warmup=0 if name == "reference" else (1 if slow else 3),
-                                     repeats=1 if name == "reference" else (3 if slow else None))
+                                     repeats=1 if name == "reference" else (3 if slow else None),
+                                     layout_cl=name == CHANNELS_LAST)
                         nbytes = essential_bytes(args.batch, args.dim, args.dstate, length, 2, mode != "fwd")
                         row.update(ms=ms, gb_per_s=nbytes / ms / 1e6, hbm_fraction=nbytes / ms / 1e-3 / HBM_BYTES_PER_S,
                                    x_exp_floor=ms / exp_floor)

@@ -190,14 +190,14 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
                   backend: str = "auto"):
     """Depthwise causal conv1d (B, D, L), shapes as `reference.causal_conv1d_ref`. Backend ``triton``: the Triton
     kernels (`triton_conv.py`; x of any strides, the output a (B, D, L) view of (B, L, D) memory) for widths up
-    to `triton_conv.MAX_WIDTH`; every other backend, and wider kernels, use torch's conv."""
+    to `triton_conv.MAX_WIDTH`; every other backend, and shapes those kernels do not take, use torch's conv."""
     if resolve_backend(backend, x.device) == "triton":
-        from .triton_conv import MAX_WIDTH, causal_conv1d_triton
+        from .triton_conv import causal_conv1d_triton, unsupported_reason
 
-        if weight.shape[-1] <= MAX_WIDTH:
+        reason = unsupported_reason(x, weight)
+        if reason is None:
             return causal_conv1d_triton(x, weight, bias, initial_states, return_final_states, activation)
-        _warn_once(f"the Triton causal conv supports widths up to {MAX_WIDTH}, got {weight.shape[-1]}: "
-                   "using torch's conv")
+        _warn_once(f"{reason}: using torch's conv")
     return reference.causal_conv1d_ref(x, weight, bias, initial_states, return_final_states, activation)
 
 

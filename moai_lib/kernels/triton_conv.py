@@ -38,12 +38,34 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import MoaiError
 from .reference import causal_conv1d_ref
 
 MAX_WIDTH = 4  # the kernels unroll W^2 shifted loads; mamba's conv is W = 4
-_BLOCK_L = 64  # time steps per program
-_BLOCK_D = 128  # channels per program (on the lanes)
+# Tiles of 128 channels by 16 steps (forward) or 8 steps (backward), 4 warps. Compiled offline for sm_90
+# (`cuobjdump -res-usage`; W = 4, bf16, SiLU): Triton 3.6 (the GPU machine's) forward 64 registers, backward 144,
+# no spills, ~720 and ~1600 SASS instructions per tile. With Triton 3.9, 64-step tiles spill (forward 584 B of
+# stack, backward 7 KB), and so do 16-step backward tiles (208 B).
+_BLOCK_D = 128
+_FWD_BLOCK_L = 16
+_BWD_BLOCK_L = 8
+_BWD_TILES = 16  # tiles per backward program (128 steps): fewer dweight/dbias partial sums (4 MB at 370m)
 _NUM_WARPS = 4
+
+
+class ConvArgumentError(MoaiError, ValueError):
+    """Arguments the Triton causal conv cannot take."""
+
+
+def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why `causal_conv1d_triton` cannot run these shapes (then use torch's conv), or None. Offsets inside one
+    batch row are 32-bit in the kernels (fewer instructions per load)."""
+    if weight.shape[-1] > MAX_WIDTH:
+        return f"the Triton causal conv supports widths 1..{MAX_WIDTH}, got W={weight.shape[-1]}"
+    span = (x.shape[1] - 1) * abs(x.stride(1)) + (x.shape[2] - 1) * abs(x.stride(2))
+    if max(span, x.shape[1] * x.shape[2]) >= 2 ** 31:
+        return f"a batch row of x spans {span} elements, over the kernels' 32-bit offsets"
+    return None
 
 
 @triton.jit
@@ -59,10 +81,10 @@ def _pre_activation(x_ptr, x_row, init_ptr, init_row, w_ptr, offs_d, mask_d, bia
         wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
         pos = t - (WIDTH - 1) + k  # (T,)
         m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
-        xv = tl.load(x_ptr + x_row[None, :] + pos.to(tl.int64)[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + x_row[None, :] + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
         if HAS_INIT:
             mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
-            iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1).to(tl.int64)[:, None] * si_l, mask=mi,
+            iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1)[:, None] * si_l, mask=mi,
                          other=0.0)
             xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
         acc += wk[None, :] * xv
@@ -80,16 +102,21 @@ def _conv_fwd_kernel(
     # x: (B, D, L) strides sx_*; w: (D, W) contiguous; bias: (D,); init: (B, D, W-1) strides si_*;
     # out: (B, D, L) strides so_* (channels-last in practice: so_d = 1). Grid: (L / T, D / BD, B).
     pid_b = tl.program_id(2).to(tl.int64)
+    x_ptr += pid_b * sx_b  # 64-bit batch offsets in the base pointers; offsets inside a batch row are 32-bit
+    if HAS_INIT:
+        init_ptr += pid_b * si_b
+    out_ptr += pid_b * so_b
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
-    d64 = offs_d.to(tl.int64)
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
-    pre = _pre_activation(x_ptr, pid_b * sx_b + d64 * sx_d, init_ptr, pid_b * si_b + d64 * si_d, w_ptr, offs_d,
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    pre = _pre_activation(x_ptr, offs_d * sx_d, init_ptr, offs_d * si_d, w_ptr, offs_d,
                           mask_d, bias, t, length, sx_l, si_l, WIDTH, HAS_BIAS, HAS_INIT, BLOCK_L, BLOCK_D)
     out = pre * tl.sigmoid(pre) if SILU else pre
     mask = (t < length)[:, None] & mask_d[None, :]
-    o_ptr = out_ptr + (pid_b * so_b + d64 * so_d)[None, :] + t.to(tl.int64)[:, None] * so_l
+    o_ptr = out_ptr + (offs_d * so_d)[None, :] + t[:, None] * so_l
     tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -99,56 +126,65 @@ def _conv_bwd_kernel(
     dim, length, n_lblocks,
     sx_b, sx_d, sx_l, si_b, si_d, si_l, sg_b, sg_d, sg_l, sdx_b, sdx_d, sdx_l,
     WIDTH: tl.constexpr, WIDTH_P2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
-    SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr,
 ):
     # dout: (B, D, L) strides sg_*; dx: strides sdx_*; dw: (B * n_lblocks, D, WIDTH_P2) fp32 partial sums;
-    # dbias: (B * n_lblocks, D) fp32 partial sums. Grid as in the forward.
+    # dbias: (B * n_lblocks, D) fp32 partial sums. Grid: (L / (TILES * T), D / BD, B); a program walks TILES tiles.
     #   dpre_t = dout_t * silu'(pre_t);  dx_t = sum_j w_{W-1-j} dpre_{t+j};  dw_k = sum_t dpre_t x_{t-W+1+k}
     pid_l = tl.program_id(0)
     pid_b = tl.program_id(2).to(tl.int64)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    x_ptr += pid_b * sx_b  # 64-bit batch offsets in the base pointers; offsets inside a batch row are 32-bit
+    if HAS_INIT:
+        init_ptr += pid_b * si_b
+    dout_ptr += pid_b * sg_b
+    dx_ptr += pid_b * sdx_b
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_w = tl.arange(0, WIDTH_P2)
     mask_d = offs_d < dim
     d64 = offs_d.to(tl.int64)
-    x_row, init_row = pid_b * sx_b + d64 * sx_d, pid_b * si_b + d64 * si_d
-    g_row = pid_b * sg_b + d64 * sg_d
-    bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) if HAS_BIAS else None
+    x_row, init_row = offs_d * sx_d, offs_d * si_d
+    g_row, dx_row = offs_d * sg_d, offs_d * sdx_d
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
-    dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
     dw = tl.zeros([BLOCK_D, WIDTH_P2], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in tl.static_range(WIDTH):
-        tj = t + j  # dx_t takes dpre_{t+j} through w_{W-1-j}
-        mj = (tj < length)[:, None] & mask_d[None, :]
-        dpre = tl.load(dout_ptr + g_row[None, :] + tj.to(tl.int64)[:, None] * sg_l, mask=mj, other=0.0)
-        dpre = dpre.to(tl.float32)
-        if SILU:
-            pre = _pre_activation(x_ptr, x_row, init_ptr, init_row, w_ptr, offs_d, mask_d, bias, tj, length, sx_l,
-                                  si_l, WIDTH, HAS_BIAS, HAS_INIT, BLOCK_L, BLOCK_D)
-            sig = tl.sigmoid(pre)
-            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))  # silu'(p) = sig(p) (1 + p (1 - sig(p)))
-        wj = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-        dx += wj[None, :] * dpre
-        if j == 0:  # the tile's own steps: its share of dweight and dbias
-            if HAS_BIAS:
-                dbias = tl.sum(dpre, axis=0)
-            for k in tl.static_range(WIDTH):
-                pos = t - (WIDTH - 1) + k
-                m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
-                xv = tl.load(x_ptr + x_row[None, :] + pos.to(tl.int64)[:, None] * sx_l, mask=m, other=0.0)
-                xv = xv.to(tl.float32)
-                if HAS_INIT:
-                    mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
-                    iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1).to(tl.int64)[:, None] * si_l,
-                                 mask=mi, other=0.0)
-                    xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
-                dwk = tl.sum(dpre * xv, axis=0)  # (BD,)
-                dw += tl.where(offs_w[None, :] == k, dwk[:, None], 0.0)
+    start = pid_l * TILES * BLOCK_L
+    for i in range(tl.cdiv(tl.minimum(length - start, TILES * BLOCK_L), BLOCK_L)):  # the tiles inside L
+        t = start + i * BLOCK_L + tl.arange(0, BLOCK_L)
+        dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(WIDTH):
+            tj = t + j  # dx_t takes dpre_{t+j} through w_{W-1-j}
+            mj = (tj < length)[:, None] & mask_d[None, :]
+            dpre = tl.load(dout_ptr + g_row[None, :] + tj[:, None] * sg_l, mask=mj, other=0.0)
+            dpre = dpre.to(tl.float32)
+            if SILU:
+                pre = _pre_activation(x_ptr, x_row, init_ptr, init_row, w_ptr, offs_d, mask_d, bias, tj, length,
+                                      sx_l, si_l, WIDTH, HAS_BIAS, HAS_INIT, BLOCK_L, BLOCK_D)
+                sig = tl.sigmoid(pre)
+                dpre = dpre * sig * (1.0 + pre * (1.0 - sig))  # silu'(p) = sig(p) (1 + p (1 - sig(p)))
+            wj = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+            dx += wj[None, :] * dpre
+            if j == 0:  # the tile's own steps: its share of dweight and dbias
+                if HAS_BIAS:
+                    dbias += tl.sum(dpre, axis=0)
+                for k in tl.static_range(WIDTH):
+                    pos = t - (WIDTH - 1) + k
+                    m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
+                    xv = tl.load(x_ptr + x_row[None, :] + pos[:, None] * sx_l, mask=m, other=0.0)
+                    xv = xv.to(tl.float32)
+                    if HAS_INIT:
+                        mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
+                        iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1)[:, None] * si_l,
+                                     mask=mi, other=0.0)
+                        xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
+                    dwk = tl.sum(dpre * xv, axis=0)  # (BD,)
+                    dw += tl.where(offs_w[None, :] == k, dwk[:, None], 0.0)
+        mask = (t < length)[:, None] & mask_d[None, :]
+        tl.store(dx_ptr + dx_row[None, :] + t[:, None] * sdx_l, dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
 
-    mask = (t < length)[:, None] & mask_d[None, :]
-    dx_ptrs = dx_ptr + (pid_b * sdx_b + d64 * sdx_d)[None, :] + t.to(tl.int64)[:, None] * sdx_l
-    tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     part = pid_b * n_lblocks + pid_l  # this program's row of partial sums
     tl.store(dw_ptr + (part * dim + d64)[:, None] * WIDTH_P2 + offs_w[None, :], dw, mask=mask_d[:, None])
     if HAS_BIAS:
@@ -163,8 +199,8 @@ def _strides(*tensors) -> list[int]:
     return [s for t in tensors for s in (t.stride() if t is not None else (0, 0, 0))]
 
 
-def _grid(batch: int, dim: int, length: int):
-    return (triton.cdiv(length, _BLOCK_L), triton.cdiv(dim, _BLOCK_D), batch)
+def _grid(batch: int, dim: int, length: int, block_l: int):
+    return (triton.cdiv(length, block_l), triton.cdiv(dim, _BLOCK_D), batch)
 
 
 class _CausalConv1dTritonFn(torch.autograd.Function):
@@ -179,10 +215,10 @@ class _CausalConv1dTritonFn(torch.autograd.Function):
         out = x.new_empty((batch, length, dim)).transpose(1, 2)  # (B, D, L) view of (B, L, D) memory
         silu = activation is not None
         with _on_device(x):
-            _conv_fwd_kernel[_grid(batch, dim, length)](
+            _conv_fwd_kernel[_grid(batch, dim, length, _FWD_BLOCK_L)](
                 x, w, b, initial_states, out, dim, length, *_strides(x, initial_states, out),
                 WIDTH=width, HAS_BIAS=b is not None, HAS_INIT=initial_states is not None, SILU=silu,
-                BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=_NUM_WARPS,
+                BLOCK_L=_FWD_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=_NUM_WARPS,
             )
         ctx.save_for_backward(x, w, b, initial_states)
         ctx.activation, ctx.weight_dtype = activation, weight.dtype
@@ -195,15 +231,16 @@ class _CausalConv1dTritonFn(torch.autograd.Function):
         batch, dim, length = x.shape
         width = w.shape[1]
         width_p2 = triton.next_power_of_2(width)
-        n_lblocks = triton.cdiv(length, _BLOCK_L)
+        n_lblocks = triton.cdiv(length, _BWD_BLOCK_L * _BWD_TILES)
         dx = _empty_in_layout(x)
         dw = x.new_empty((batch * n_lblocks, dim, width_p2), dtype=torch.float32)
         db = x.new_empty((batch * n_lblocks, dim), dtype=torch.float32) if b is not None else None
         with _on_device(x):
-            _conv_bwd_kernel[_grid(batch, dim, length)](
+            _conv_bwd_kernel[_grid(batch, dim, length, _BWD_BLOCK_L * _BWD_TILES)](
                 x, w, b, init, dout, dx, dw, db, dim, length, n_lblocks, *_strides(x, init, dout, dx),
                 WIDTH=width, WIDTH_P2=width_p2, HAS_BIAS=b is not None, HAS_INIT=init is not None,
-                SILU=ctx.activation is not None, BLOCK_L=_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=_NUM_WARPS,
+                SILU=ctx.activation is not None, BLOCK_L=_BWD_BLOCK_L, BLOCK_D=_BLOCK_D, TILES=_BWD_TILES,
+                num_warps=_NUM_WARPS,
             )
         dinit = None
         if init is not None and ctx.needs_input_grad[3]:
@@ -242,18 +279,18 @@ def causal_conv1d_triton(
     TRITON_INTERPRET=1 set before triton was first imported.
     """
     if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
-    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"x must be (B, D, L) and weight (D, W) with the same D, got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
+        raise ConvArgumentError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[1] or weight.shape[1] < 1:
+        raise ConvArgumentError(f"x must be (B, D, L) and weight (D, W) with the same D, got {tuple(x.shape)} "
+                                f"and {tuple(weight.shape)}")
     batch, dim, length = x.shape
     width = weight.shape[1]
-    if not 1 <= width <= MAX_WIDTH:
-        raise ValueError(f"the Triton causal conv supports widths 1..{MAX_WIDTH}, got W={width}; use "
-                         "backend='torch' for wider kernels")
+    reason = unsupported_reason(x, weight)
+    if reason is not None:
+        raise ConvArgumentError(f"{reason}; use backend='torch' (dispatch.causal_conv1d falls back by itself)")
     if initial_states is not None and tuple(initial_states.shape) != (batch, dim, width - 1):
-        raise ValueError(f"initial_states must have shape (B, D, W-1) = {(batch, dim, width - 1)}, "
-                         f"got {tuple(initial_states.shape)}")
+        raise ConvArgumentError(f"initial_states must have shape (B, D, W-1) = {(batch, dim, width - 1)}, "
+                                f"got {tuple(initial_states.shape)}")
     if initial_states is not None and width == 1:
         initial_states = None  # nothing to read from it
     out = _CausalConv1dTritonFn.apply(x, weight, bias, initial_states, activation)

@@ -31,6 +31,24 @@ flips the tile in time (`_flip_time`: one-hot selects that compile to register m
 Static estimates from those SASS counts (B=8, D=4096, N=16, bf16, L=2048, 132 SMs at 1.98 GHz, perfect
 overlap): forward >= 0.41 ms, backward >= 1.4 ms (mamba-ssm, measured on the H200: 1.17 ms and ~4.5 ms).
 
+Strides (channels-last). Every (B, D, L) tensor (u, delta, z, y, dy and the gradients) and B, C (B, N, L) are
+addressed through their own (batch, channel or state, time) strides, so the mixer passes views of its (B, L, ·)
+activations without copies: u and delta as `x.transpose(1, 2)` of (B, L, E) tensors, z as the second half of
+in_proj's (B, L, 2E) output, B and C as column slices of x_proj's (B, L, R + 2N) output. The output and each
+gradient are allocated dense in their input's order (`empty_in_layout`): y as (B, L, E) memory, which out_proj
+reads in place; du, ddelta, dz as (B, L, E), which autograd hands to x_proj's / dt_proj's backward and
+concatenates into in_proj's (B, L, 2E) output gradient (one `cat`, no transposes); dB, dC as (B, L, N) fp32.
+Triton specializes integer arguments equal to 1 into constants, so contiguous (B, D, L) inputs compile to the
+same unit-stride time addressing as before (compiled offline for sm_90 with Triton 3.6, the GPU machine's, bf16,
+default launch shapes: forward 1496 SASS instructions vs 1552 before strides, backward 1920 vs 1896, no spills;
+channels-last: 1560 and 1880); channels-last inputs get unit-stride channels instead: a warp's load of one time
+step is 32 consecutive channels (64 B in bf16) rather than 32 rows of 4 steps.
+What channels-last saves is outside the kernel. Per (b, e, t) element, bf16 autocast, the (B, E, L) mixer's
+forward copied delta and z (`.contiguous()`, 4 B each: 2 read + 2 written), x for x_proj and y for out_proj
+(the matmul's copy of a transposed operand, 4 B each) and cast y to fp32 and back (12 B): 28 B, plus ~30 B in
+torch's conv (pad, fp32 copy, conv, SiLU, cast); its backward mirrored most of it. Against the scan's own 22 B
+forward + backward, those copies were ~31% of a 370m training step's GPU time (BENCHMARKS.md section 3).
+
 Backward (recomputation instead of stored B*D*L*N intermediates): when a gradient is needed, the forward also
 writes the state entering each backward chunk, (B, D, ceil(L/T_bwd), N) fp32. The backward program walks its
 chunks in reverse; per chunk it reloads the inputs, recomputes a_t, x_t and h_t with the forward scan, and

@@ -15,7 +15,10 @@ Parameter names follow state-spaces/mamba (`backbone.layers.{i}.mixer.in_proj`, 
     y = selective_scan(x, Δ, A = -exp(A_log), B, C, D) · silu(z)
     out = out_proj(y)
 
-A_log, D and the recurrent state are kept in fp32 whatever the model dtype.
+A_log, D and the recurrent state are kept in fp32 whatever the model dtype. The full-sequence path keeps every
+activation in (B, L, ·) memory and hands the conv and the scan (B, ·, L) views of it (channels-last); the Triton
+backend reads those in place and returns outputs and gradients in that layout, so no transposed copy is made in
+the forward or the backward (`kernels/triton_scan.py`, `kernels/triton_conv.py`).
 """
 
 from __future__ import annotations

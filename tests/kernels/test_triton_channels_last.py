@@ -48,8 +48,9 @@ SCAN_CASES = {
     "model_bf16_L33": (2, 8, 16, 33, (8, 8, 1, 1), (8, 4, 1, 2), "bfloat16", {}, MODEL_LAYOUT),
 }
 
-# (B, D, L, W, bias, initial_states, activation, dtype, layout of x). The kernels' tiles are 64 steps by 128
-# channels: L = 70 and D = 130 span two tiles each (halos and partial sums across tiles).
+# (B, D, L, W, bias, initial_states, activation, dtype, layout of x). Here the conv's tiles are 128 channels by 32
+# steps, a backward program walks 2 tiles: L = 70 and D = 130 span several tiles and programs (conv halos across
+# tiles and programs, dweight/dbias partial sums from several programs, a program with a partial tile).
 CONV_CASES = {
     "W4_silu_bias_init_L70_D130": (2, 130, 70, 4, True, True, "silu", "float32", "slice"),
     "W4_silu_bias_L37": (2, 6, 37, 4, True, False, "silu", "float32", "slice"),
@@ -159,6 +160,11 @@ def _subprocess_main(group: str) -> None:
     if group == "scan":
         result = {case: _scan_errors(case) for case in SCAN_CASES}
     else:
+        # Longer conv tiles than on the GPU (the interpreter's cost is per program and op, not per element):
+        # forward 32 steps, backward programs of 2 tiles of 32. The GPU tests run the real ones.
+        from moai_lib.kernels import triton_conv
+
+        triton_conv._FWD_BLOCK_L, triton_conv._BWD_BLOCK_L, triton_conv._BWD_TILES = 32, 32, 2
         result = {"conv": {case: _conv_errors(case) for case in CONV_CASES}, "dispatch": _dispatch_report()}
     print(json.dumps(result))
 
@@ -211,7 +217,7 @@ def test_conv_rejects_bad_arguments():
     from moai_lib.kernels.triton_conv import causal_conv1d_triton
 
     x = torch.randn(1, 4, 3)
-    with pytest.raises(ValueError, match="widths 1..4, got W=5"):
+    with pytest.raises(ValueError, match="widths 1..4, got W=5; use backend=.torch."):
         causal_conv1d_triton(x, torch.randn(4, 5))
     with pytest.raises(ValueError, match="activation must be"):
         causal_conv1d_triton(x, torch.randn(4, 3), activation="relu")
@@ -252,11 +258,13 @@ def test_cuda_channels_last_scan_matches_reference(dtype):
 @requires_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("width", [2, 3, 4])
-def test_cuda_conv_matches_reference(dtype, width):
+def test_cuda_conv_matches_reference(dtype, width, monkeypatch):
     """x as the first E columns of a (B, L, 2E) tensor (in_proj's output), E = 2048, L = 1000 (not a multiple of
     the tile), with an initial state: values and all gradients vs the reference computed in fp32."""
     from moai_lib.kernels.reference import causal_conv1d_ref
     from moai_lib.kernels.triton_conv import causal_conv1d_triton
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the reference's conv in true fp32
 
     torch.manual_seed(0)
     batch, dim, length = 2, 2048, 1000
