@@ -52,7 +52,7 @@ if [ ! -d "$BUILD" ] && ls .whl/sdist/mamba_ssm-*.tar.gz .whl/sdist/causal_conv1
       "$dir/setup.py"
     name=$(basename "$dir")
     (cd "$dir" && setsid nohup env -u PYTHONPATH MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
-       TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=8 nice -n 10 \
+       TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=12 nice -n 10 \
        sh -c "$PY -m pip install --no-build-isolation --no-deps . > $BUILD/$name.log 2>&1; echo \$? > $BUILD/$name.rc" \
        >/dev/null 2>&1 &)
   done
@@ -74,14 +74,16 @@ step quant_inference 60 $PY benchmarks/bench_quant_inference.py ${QUANT_VARIANTS
   --out "$OUT/quant_inference.json"
 [ -n "${WITH_LOSS:-}" ] && step loss 40 $PY benchmarks/bench_loss_gpu.py --out "$OUT/loss_gpu.json"
 
-# 3. wait for the anchor (at most until 240 s are left), then the compared benchmarks
+# 3. wait for both anchor builds (at most until ANCHOR_WAIT_UNTIL seconds are left: a mamba-ssm without
+#    causal-conv1d silently takes its slower unfused paths), then the compared benchmarks; each JSON records the
+#    versions it imported (machine.mamba_ssm, machine.causal_conv1d)
 while [ "$(ls "$BUILD"/*.rc 2>/dev/null | wc -l)" -lt 2 ]; do
-  [ "$(left)" -lt 240 ] && { echo "anchor build not finished with $(left) s left: timing without it"; break; }
+  [ "$(left)" -lt "${ANCHOR_WAIT_UNTIL:-200}" ] && { echo "anchor builds not finished with $(left) s left"; break; }
   sleep 5
 done
 for rc in "$BUILD"/*.rc; do [ -f "$rc" ] && echo "$(basename "$rc"): exit $(cat "$rc")"; done
-$PY -c "import mamba_ssm, selective_scan_cuda, causal_conv1d_cuda; print('mamba-ssm anchor imports')" \
-  || tail -5 "$BUILD"/*.log
+$PY -c "import torch, mamba_ssm, selective_scan_cuda, causal_conv1d_cuda; print('mamba-ssm anchor imports')" \
+  || for log in "$BUILD"/*.log; do tail -n 5 "$log"; done
 step scan 60 $PY benchmarks/bench_scan_gpu.py --lengths "${SCAN_LENGTHS:-512,2048,8192,32768}" --out "$OUT/scan_gpu.json"
 step train 60 $PY benchmarks/bench_train_gpu.py --presets "${TRAIN_PRESETS:-130m,370m}" --steps 6 --warmup 2 \
   --out "$OUT/train_gpu.json"

@@ -71,7 +71,17 @@ def machine() -> dict:
     return {"platform": platform.platform(), "gpu": props.name if props else None,
             "sms": props.multi_processor_count if props else None, "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda,
-            "mamba_ssm": None if isinstance(ms, str) else ms.__version__}
+            "mamba_ssm": None if isinstance(ms, str) else ms.__version__, "causal_conv1d": causal_conv1d_version()}
+
+
+def causal_conv1d_version() -> str | None:
+    """causal-conv1d's version when its CUDA kernels import (mamba-ssm's fused block and decode step use them;
+    without them it silently takes slower paths), else None."""
+    try:
+        importlib.import_module("causal_conv1d_cuda")
+        return importlib.import_module("causal_conv1d").__version__
+    except Exception:
+        return None
 
 
 def write_json(path: str, payload: dict) -> None:

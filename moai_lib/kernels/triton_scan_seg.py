@@ -38,9 +38,10 @@ import triton.language as tl
 
 from . import triton_scan as ts
 
-# Split only sequences at least this long, into segments at least _MIN_SEGMENT long: shorter ones are not worth the
-# extra launches (host time at batch 1 on the H200: see BENCHMARKS.md, "Selective scan", batch 1 rows).
-_MIN_SPLIT_LENGTH = 2048
+# Split only sequences at least this long, into segments at least _MIN_SEGMENT long. Measured on the H200 (370m,
+# B=1, 2K prompt): splitting from L=2048 halves the layers' GPU time under a CUDA graph (8.2 vs 16.5 ms) but the
+# eager prefill is host-bound and the two extra launches per layer made it slower (19-24 vs 18-19 ms).
+_MIN_SPLIT_LENGTH = 4096
 _MIN_SEGMENT = 512
 # Split only batches too narrow for the unsplit launches (fewer than `_MIN_PROGRAMS` programs of 16 channels: the
 # regime where `default_configs` narrows its blocks), and until batch x segments x channels reach what the widest

@@ -88,8 +88,8 @@ def test_segment_length_rule():
     assert segment_len_for(1, 4096, 32768) == 4096  # 8 segments: 8 x 4096 channels, like a batch of 8
     assert segment_len_for(1, 4096, 5000) == 640  # 8 segments of >= 512 steps, rounded up to 64 steps
     assert segment_len_for(1, 2048, 32768) == 2048  # narrower model: 16 segments
-    assert segment_len_for(1, 4096, 2048) == 512  # 4 segments of the shortest length
-    assert segment_len_for(1, 4096, 2047) == 0  # short: the launches would cost more than they save
+    assert segment_len_for(1, 4096, 4096) == 512  # 8 segments of the shortest length
+    assert segment_len_for(1, 4096, 4095) == 0  # short: the extra launches cost more host time than they save
     assert segment_len_for(8, 4096, 32768) == 0  # wide enough already: never split
     assert segment_len_for(8, 2048, 2048) == 0  # the 370m training shape: 1024 programs unsplit
     assert segment_len_for(2, 4096, 4096) == 1024  # 4 segments
