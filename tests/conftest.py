@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = ROOT / "data" / "sample"
 TOKENIZER_VOCAB_SIZE = 512  # 256 byte symbols + 2 specials + 254 merges: trains in well under a second
 TOKENIZER_TRAIN_DOCS = 200
 
@@ -53,6 +57,43 @@ def tiny_model_dir(tmp_path_factory, sample_tokenizer_dir) -> Path:
     path = tmp_path_factory.mktemp("tiny_model")
     model.save_pretrained(path)
     return path
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run here, or None. Triton < 3.9's interpreter calls int() on 1-element
+    arrays (loop bounds), which NumPy 2.4 rejects; Triton 3.9 (requirements/test.txt) is fine."""
+    from importlib.metadata import version
+
+    import numpy as np
+
+    if tuple(int(p) for p in version("triton").split(".")[:2]) < (3, 9):
+        try:
+            int(np.array([1]))
+        except TypeError:
+            return f"Triton {version('triton')}'s interpreter does not work with NumPy {np.__version__}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def run_interpreted():
+    """run_interpreted(script, *args) -> the JSON that `python script *args` prints on its last stdout line, run in
+    a fresh process with Triton's CPU interpreter on (TRITON_INTERPRET=1 must be set before triton is first
+    imported, and importing moai_lib imports it). The Triton kernel tests run their comparisons this way. Skips
+    where triton is missing or its interpreter cannot run."""
+    pytest.importorskip("triton")
+    problem = interpreter_problem()
+    if problem:
+        pytest.skip(problem)
+
+    def run(script, *args: str, timeout: int = 300) -> dict:
+        env = {**os.environ, "TRITON_INTERPRET": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                              timeout=timeout, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -32,14 +32,13 @@ on those W-1 steps: exact and O(B*D*W) work.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ..errors import MoaiError
 from .reference import causal_conv1d_ref
+from .triton_scan import _on_device, _strides, empty_in_layout
 
 MAX_WIDTH = 4  # the kernels unroll W^2 shifted loads; mamba's conv is W = 4
 # Tiles of 128 channels by 16 steps (forward) or 8 steps (backward), 4 warps. Compiled offline for sm_90
@@ -191,14 +190,6 @@ def _conv_bwd_kernel(
         tl.store(dbias_ptr + part * dim + d64, dbias, mask=mask_d)
 
 
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _strides(*tensors) -> list[int]:
-    return [s for t in tensors for s in (t.stride() if t is not None else (0, 0, 0))]
-
-
 def _grid(batch: int, dim: int, length: int, block_l: int):
     return (triton.cdiv(length, block_l), triton.cdiv(dim, _BLOCK_D), batch)
 
@@ -232,7 +223,7 @@ class _CausalConv1dTritonFn(torch.autograd.Function):
         width = w.shape[1]
         width_p2 = triton.next_power_of_2(width)
         n_lblocks = triton.cdiv(length, _BWD_BLOCK_L * _BWD_TILES)
-        dx = _empty_in_layout(x)
+        dx = empty_in_layout(x)
         dw = x.new_empty((batch * n_lblocks, dim, width_p2), dtype=torch.float32)
         db = x.new_empty((batch * n_lblocks, dim), dtype=torch.float32) if b is not None else None
         with _on_device(x):
@@ -252,14 +243,6 @@ class _CausalConv1dTritonFn(torch.autograd.Function):
                 (dinit,) = torch.autograd.grad(head, init_, dout[..., :steps])
         return (dx, dw.sum(0)[:, :width].to(ctx.weight_dtype),
                 db.sum(0).to(ctx.bias_dtype) if db is not None else None, dinit, None)
-
-
-def _empty_in_layout(t: torch.Tensor) -> torch.Tensor:
-    """Dense, with t's (B, D, L) shape, in t's order (channels-last when t steps faster along D than along L)."""
-    batch, dim, length = t.shape
-    if t.stride(1) < t.stride(2):
-        return t.new_empty((batch, length, dim)).transpose(1, 2)
-    return t.new_empty((batch, dim, length))
 
 
 def causal_conv1d_triton(

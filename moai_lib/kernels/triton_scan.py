@@ -528,7 +528,8 @@ def launch_fwd(u, delta, A32, B, C, D, z, delta_bias, h0, out, last, states, sof
         *_strides(u, delta, z, out, B, C),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
         SOFTPLUS=softplus, SAVE_STATES=save, SAVE_EVERY=bwd_cfg.block_l,
-        STORE_DSUM=dsum is not None, SEG_CARRY=carry is not None, BLOCK_D=fwd_cfg.block_d, BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l, num_warps=fwd_cfg.num_warps,
+        STORE_DSUM=dsum is not None, SEG_CARRY=carry is not None,
+        BLOCK_D=fwd_cfg.block_d, BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l, num_warps=fwd_cfg.num_warps,
     )
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from . import triton_scan as ts
 
@@ -121,7 +120,7 @@ class _SegmentedScanFn(torch.autograd.Function):
                 ts.launch_fwd(view(u), view(delta), A32, view(B), view(C), None, None, delta_bias, None, view(out),
                               part[:k], None, softplus, fwd_cfg, bwd_cfg, dsum=dsum1[:k])
                 # Pass 2: every segment from the state entering it, carried in-kernel from pass 1's results.
-                for (first, n, view), st in zip(split.pieces(b), states):
+                for (first, n, view), st in zip(split.pieces(b), states, strict=True):
                     seg_last = torch.empty((n, dim, dstate), **f32)
                     ts.launch_fwd(view(u), view(delta), A32, view(B), view(C), D, view(z), delta_bias,
                                   h0[b] if h0 is not None else None, view(out), seg_last, st[b] if save else None,
@@ -162,7 +161,7 @@ class _SegmentedScanFn(torch.autograd.Function):
                                   softplus, cfg, adjoint_only=True)
                 # Pass 2b: the real backward of every segment, its incoming adjoint carried in-kernel from pass 1b's
                 # results of the later segments. Segment 0's dL/dh_start is dL/dh0.
-                for (first, n, view), st in zip(pieces, states):
+                for (first, n, view), st in zip(pieces, states, strict=True):
                     sl = slice(first, first + n)
                     ts.launch_bwd(view(u), view(delta), A32, view(B), view(C), D, view(z), delta_bias, st[b],
                                   view(dout), dlast[b] if dlast is not None else None, view(du), view(ddelta),

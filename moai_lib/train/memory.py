@@ -21,7 +21,10 @@ of `moai_lib.model.info` (meta device) and these assumptions, bf16 mixed precisi
     MLP:   RMSNorm 8d, fc1 input 2d, gate 2I, y 2I, SiLU(gate) 2I, fc2 input 2I                   = 10d + 8I
     → 48d + 8I bytes (2b: 144 KiB per token per layer). With activation checkpointing only each layer's
       input (the fp32 residual stream, 4d) is kept, plus one layer's full activations during its recompute.
-  Plus the chunked loss: fp32 logits and their gradient for one chunk of 512 tokens (2 · 512 · V · 4 bytes).
+  Plus the loss: the logits of one chunk (2 · 512 · V · 4 bytes: fp32 logits and their gradient for 512 tokens
+  on the torch path, or the fused path's compute-dtype buffer for 8/itemsize as many tokens, the same bytes), and
+  on GPUs the fused path's gradients, computed in its forward and kept until the backward: dW in fp32 (4 · V · d)
+  and dh in the activations' dtype (4 · tokens · d with the fp32 final norm output).
 
 Not counted: the CUDA context and NCCL buffers (~1–3 GiB), allocator fragmentation (typically 5–15 %), and the
 pure-torch scan's per-step states (the CPU/reference path is not meant for these sizes).
@@ -93,7 +96,9 @@ def training_memory(config: MoaiMambaConfig, strategy: str = "fsdp2", world_size
     else:
         activations = L * per_layer
     activations += 4 * config.hidden_size * tokens  # embedding output / final norm input (fp32 residual)
+    # One chunk's logits (+ gradient), then the fused loss's dW (fp32) and dh, alive from its forward to its backward.
     loss = 2 * min(LOSS_CHUNK, tokens) * config.padded_vocab_size * 4
+    loss += 4 * config.padded_vocab_size * config.hidden_size + 4 * tokens * config.hidden_size
     if strategy == "ddp":
         return TrainingMemory("ddp", world_size, seq_len, micro_batch, checkpointing, weights=4 * P + 2 * P,
                               gradients=8 * P, optimizer=8 * P, gathered=0, activations=activations, loss=loss)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_triton_kernels import TOL, _interpreter_problem, scaled_error  # noqa: E402
+from test_triton_kernels import TOL, scaled_error  # noqa: E402
 
 N, D, V, CHUNK, BLOCK = 57, 32, 1000, 10, 256
 
@@ -154,15 +153,8 @@ def _subprocess_main() -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict:
-    pytest.importorskip("triton")
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(problem)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def interpreted(run_interpreted) -> dict:
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", list(CASES))

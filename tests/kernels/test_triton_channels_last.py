@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,10 +21,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from test_triton_kernels import (  # noqa: E402
-    ROOT,
     TOL,
     _import_kernels_only,
-    _interpreter_problem,
     _vectorize_interpreter_scan,
     make_scan_inputs,
     run_scan,
@@ -170,20 +167,9 @@ def _subprocess_main(group: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    pytest.importorskip("triton")
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(problem)
-
-    def run(group: str) -> dict:
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    return run
+def interpreted(run_interpreted):
+    """Runs a group of comparisons of this file in a fresh process under TRITON_INTERPRET=1; returns its JSON."""
+    return lambda group: run_interpreted(__file__, group)
 
 
 def test_interpreted_strided_scan_matches_reference(interpreted):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_triton_kernels import _import_kernels_only, _interpreter_problem  # noqa: E402
+from test_triton_kernels import _import_kernels_only  # noqa: E402
 
 # Output rounding bound relative to |ref|, per output dtype: one ulp (2^-(significand bits − 1)) under the CPU
 # interpreter, which truncates; half of it on the GPU, which rounds to nearest.
@@ -161,15 +160,8 @@ def _subprocess_main() -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict:
-    pytest.importorskip("triton")
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(problem)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def interpreted(run_interpreted) -> dict:
+    return run_interpreted(__file__)
 
 
 def test_interpreted_int4_gemv_matches_dequantized_matmul(interpreted):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -214,37 +213,10 @@ def _subprocess_main(group: str) -> None:
     print(json.dumps(result))
 
 
-def _interpreter_problem() -> str | None:
-    """Why Triton's interpreter cannot run here, or None. Triton < 3.9's interpreter calls int() on 1-element
-    arrays (loop bounds), which NumPy 2.4 rejects; Triton 3.9 (requirements/test.txt) is fine."""
-    from importlib.metadata import version
-
-    import numpy as np
-
-    if tuple(int(p) for p in version("triton").split(".")[:2]) < (3, 9):
-        try:
-            int(np.array([1]))
-        except TypeError:
-            return f"Triton {version('triton')}'s interpreter does not work with NumPy {np.__version__}"
-    return None
-
-
 @pytest.fixture(scope="module")
-def interpreted():
-    """Runs a group of comparisons in a fresh process under TRITON_INTERPRET=1 and returns its JSON."""
-    pytest.importorskip("triton")
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(problem)
-
-    def run(group: str) -> dict:  # "scan" or "decode_dispatch"
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-
-    return run
+def interpreted(run_interpreted):
+    """Runs a group of comparisons of this file in a fresh process under TRITON_INTERPRET=1; returns its JSON."""
+    return lambda group: run_interpreted(__file__, group)
 
 
 def test_interpreted_scan_matches_reference(interpreted):

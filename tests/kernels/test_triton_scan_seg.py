@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_triton_kernels import (  # noqa: E402
-    ROOT, TOL, _import_kernels_only, _interpreter_problem, _vectorize_interpreter_scan, make_scan_inputs, run_scan,
+    TOL,
+    _import_kernels_only,
+    _vectorize_interpreter_scan,
+    make_scan_inputs,
+    run_scan,
     scaled_error,
 )
 
@@ -64,15 +67,8 @@ def _subprocess_main() -> None:
     print(json.dumps({case: _seg_errors(case) for case in SEG_CASES}))
 
 
-def test_interpreted_segmented_scan_matches_reference():
-    pytest.importorskip("triton")
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(problem)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_interpreted_segmented_scan_matches_reference(run_interpreted):
+    results = run_interpreted(__file__)
     assert set(results) == set(SEG_CASES)
     for case, errors in results.items():
         tol = TOL[SEG_CASES[case][5]]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -119,18 +118,8 @@ def _subprocess_main() -> None:
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict:
-    pytest.importorskip("triton")
-    sys.path.insert(0, str(ROOT / "tests" / "kernels"))
-    from test_triton_kernels import _interpreter_problem
-
-    problem = _interpreter_problem()
-    if problem:
-        pytest.skip(problem)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def interpreted(run_interpreted) -> dict:
+    return run_interpreted(__file__)
 
 
 def test_decode_step_launch_count_is_bounded(interpreted):
