@@ -12,7 +12,11 @@ B=1, bf16 weights and activations: median fwd+bwd ms (CUDA events) and the peak 
 fwd+bwd (`torch.cuda.max_memory_allocated`, weights included; the 'activations' column is the part above what
 was allocated before the step).
 
-    python benchmarks/bench_block_vs_attention.py [--lengths 512,2048,8192,32768]
+With `--checkpoint-every K` (a power of two >= 64) a row 'mamba (ours, checkpoint every K)' joins the table: the
+same block and weights with `scan_checkpoint_every=K` (the scan saves its state every K steps instead of every 4:
+less memory, one more forward in the backward; `moai_lib.kernels.triton_scan`), validated like ours.
+
+    python benchmarks/bench_block_vs_attention.py [--lengths 512,2048,8192,32768] [--checkpoint-every 256]
 """
 
 from __future__ import annotations
@@ -52,16 +56,24 @@ class AttentionBlock(nn.Module):
         return x + self.o(y.transpose(1, 2).reshape(batch, length, -1))
 
 
-def mamba_config(d: int, backend: str) -> MoaiMambaConfig:
+def mamba_config(d: int, backend: str, checkpoint_every: int = 0) -> MoaiMambaConfig:
     return MoaiMambaConfig(vocab_size=256, hidden_size=d, intermediate_size=0, num_hidden_layers=1,
-                           kernel_backend=backend, residual_in_fp32=False)
+                           kernel_backend=backend, residual_in_fp32=False, scan_checkpoint_every=checkpoint_every)
 
 
-def build_blocks(d: int, heads: int, head_dim: int, ms, device) -> dict:
+def ckpt_name(every: int) -> str:
+    return f"mamba (ours, checkpoint every {every})"
+
+
+def build_blocks(d: int, heads: int, head_dim: int, ms, device, checkpoint_every: int = 0) -> dict:
     torch.manual_seed(0)
     model = MoaiMambaForCausalLM(mamba_config(d, "triton")).to(device, torch.bfloat16)  # our init
     ours = model.backbone.layers[0]
     blocks = {"mamba (ours)": lambda x: ours(x)}
+    if checkpoint_every:
+        sparse = MoaiMambaForCausalLM(mamba_config(d, "triton", checkpoint_every)).to(device, torch.bfloat16)
+        sparse.load_state_dict(model.state_dict())
+        blocks[ckpt_name(checkpoint_every)] = lambda x: sparse.backbone.layers[0](x)
     ref_model = MoaiMambaForCausalLM(mamba_config(d, "torch")).to(device, torch.bfloat16)
     ref_model.load_state_dict(model.state_dict())
     blocks["_ours on torch scan"] = lambda x: ref_model.backbone.layers[0](x)
@@ -93,7 +105,7 @@ def out_and_grad(fn, x, dy):
     return y.detach(), gx
 
 
-def validate(blocks, d, device, length: int = 256) -> dict:
+def validate(blocks, d, device, length: int = 256, checkpoint_every: int = 0) -> dict:
     """Scaled errors of each timed block against its reference (bf16: a few 1e-3 expected)."""
     g = torch.Generator(device=device).manual_seed(1)
     # Tiny inputs: the blocks start with an RMSNorm, so their branch does not shrink with x, while the residual
@@ -102,6 +114,8 @@ def validate(blocks, d, device, length: int = 256) -> dict:
     dy = torch.randn(1, length, d, device=device, generator=g).to(torch.bfloat16)
     refs = {"mamba (ours)": "_ours on torch scan", "mamba-ssm": "mamba (ours)",
             "attention (SDPA)": "_attention explicit"}
+    if checkpoint_every:
+        refs[ckpt_name(checkpoint_every)] = "_ours on torch scan"
     errors = {}
     for name, ref in refs.items():
         if name not in blocks:
@@ -120,14 +134,17 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--lengths", default="512,2048,8192,32768")
     p.add_argument("--tol", type=float, default=5e-2)
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also time our block with the scan's sparse checkpoints every this many steps (0: no)")
     p.add_argument("--out", default=os.path.join(RESULTS, "block_vs_attention.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     device = torch.device("cuda")
     ms = mamba_ssm_or_reason()
-    blocks = build_blocks(args.d, args.heads, args.head_dim, ms, device)
-    errors = validate(blocks, args.d, device)
+    mamba_config(args.d, "triton", args.checkpoint_every)  # a bad --checkpoint-every fails here, before any work
+    blocks = build_blocks(args.d, args.heads, args.head_dim, ms, device, args.checkpoint_every)
+    errors = validate(blocks, args.d, device, checkpoint_every=args.checkpoint_every)
     timed = [n for n in blocks if not n.startswith("_")]
     rows = []
     for length in [int(v) for v in args.lengths.split(",")]:
@@ -161,7 +178,7 @@ def main() -> None:
         vs = f"{a['ms'] / r['ms']:.2f}x" if a else "-"
         print(f"| {r['L']} | {r['block']} | {r['ms']:.3f} | {vs} | {r['peak_gib']:.2f} | {r['activations_gib']:.2f} |")
     write_json(args.out, {"shape": {"batch": 1, "d": args.d, "heads": args.heads, "head_dim": args.head_dim,
-                                    "dtype": "bfloat16"},
+                                    "dtype": "bfloat16", "checkpoint_every": args.checkpoint_every},
                           "mamba_ssm": ms if isinstance(ms, str) else "available",
                           "validation_scaled_error": errors, "rows": rows})
 

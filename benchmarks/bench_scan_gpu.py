@@ -19,6 +19,11 @@ goes on.
     python benchmarks/bench_scan_gpu.py --sweep    # first times 5+5 launch shapes of ours at L=2048 and uses the
                                                    # fastest for the table (a few more minutes; at small B*D,
                                                    # e.g. --batch 1, narrower shapes)
+    python benchmarks/bench_scan_gpu.py --checkpoint-every 256   # adds 'triton (ours, checkpoint every 256)':
+                                                   # sparse state checkpoints (`ScanConfig.checkpoint_every`)
+
+Forward+backward rows also record the peak memory one step allocates above what was allocated before it
+(`peak_mib`: the checkpoints, outputs and gradients; the inputs excluded).
 
 Prints a Markdown table and writes benchmarks/results/scan_gpu.json.
 """
@@ -97,9 +102,14 @@ def make_inputs(batch, dim, dstate, length, dtype, seed=0, layout_cl=False):
     return channels_last(inputs) if layout_cl else inputs
 
 
-def scan_variants(fwd_cfg, bwd_cfg, swept: bool):
+def ckpt_variant(every: int) -> str:
+    return f"triton (ours, checkpoint every {every})"
+
+
+def scan_variants(fwd_cfg, bwd_cfg, swept: bool, checkpoint_every: int = 0):
     """name -> fn(**inputs, delta_softplus=True) -> y, or the reason the variant is unavailable. Ours runs with
-    the launch shapes it picks itself (what a user gets), or with the sweep's fastest (`swept`)."""
+    the launch shapes it picks itself (what a user gets), or with the sweep's fastest (`swept`); with
+    `checkpoint_every`, also with the backward's sparse checkpoints."""
     from moai_lib.kernels.triton_scan import ScanConfig, selective_scan_triton
 
     fc, bc = ScanConfig(*fwd_cfg), ScanConfig(*bwd_cfg)
@@ -113,6 +123,10 @@ def scan_variants(fwd_cfg, bwd_cfg, swept: bool):
         "torch chunked": selective_scan_chunked,
         "reference": selective_scan_ref,
     }
+    if checkpoint_every:
+        kw_cfg = dict(fwd_config=fc, bwd_config=bc) if swept else {}
+        variants[ckpt_variant(checkpoint_every)] = lambda **kw: selective_scan_triton(
+            **kw, **kw_cfg, checkpoint_every=checkpoint_every)
     try:
         importlib.import_module("selective_scan_cuda")
         variants["mamba-ssm"] = importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
@@ -177,7 +191,8 @@ def time_ms(fn, warmup: int, repeats: int | None) -> float:
 
 
 def measure(fn, batch, dim, dstate, length, mode: str, warmup: int, repeats: int | None,
-            layout_cl: bool = False) -> float:
+            layout_cl: bool = False) -> tuple[float, float | None]:
+    """(median ms, for fwd+bwd the MiB one step allocates at its peak above what was allocated before it)."""
     inputs = make_inputs(batch, dim, dstate, length, torch.bfloat16, layout_cl=layout_cl)
     if mode == "fwd":
         def run():
@@ -193,7 +208,15 @@ def measure(fn, batch, dim, dstate, length, mode: str, warmup: int, repeats: int
             y = fn(**leaves, delta_softplus=True)
             torch.autograd.grad(y, list(leaves.values()), dy)
     try:
-        return time_ms(run, warmup, repeats)
+        ms = time_ms(run, warmup, repeats)
+        if mode == "fwd":
+            return ms, None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
     finally:
         torch.cuda.empty_cache()
 
@@ -224,7 +247,7 @@ def sweep(args) -> tuple[tuple, tuple, list]:
             if row["error"] is None:
                 try:
                     row["ms"] = measure(fn, args.batch, args.dim, args.dstate, length,
-                                        "fwd" if mode == "fwd" else "fwd+bwd", warmup=3, repeats=None)
+                                        "fwd" if mode == "fwd" else "fwd+bwd", warmup=3, repeats=None)[0]
                     if row["ms"] < best[mode][1]:
                         best[mode] = (shape, row["ms"])
                 except Exception as exc:
@@ -255,13 +278,18 @@ def main() -> None:
     p.add_argument("--dstate", type=int, default=16)
     p.add_argument("--lengths", default="512,2048,8192,32768")
     p.add_argument("--sweep", action="store_true", help="time alternative launch shapes of ours first")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also time ours with sparse state checkpoints every this many steps (0: no)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scan_gpu.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     import triton
 
-    from moai_lib.kernels.triton_scan import default_configs, essential_bytes
+    from moai_lib.kernels.triton_scan import ScanConfig, default_configs, essential_bytes
+
+    # A bad --checkpoint-every fails here, before any work (ScanConfigError names the valid values).
+    ScanConfig(*astuple(default_configs(args.batch, args.dim, args.dstate)[1]), checkpoint_every=args.checkpoint_every)
 
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
@@ -274,7 +302,7 @@ def main() -> None:
     if args.sweep:
         fwd_cfg, bwd_cfg, sweep_rows = sweep(args)
 
-    variants = scan_variants(fwd_cfg, bwd_cfg, swept=args.sweep)
+    variants = scan_variants(fwd_cfg, bwd_cfg, swept=args.sweep, checkpoint_every=args.checkpoint_every)
     from moai_lib.kernels.triton_scan_seg import segment_len_for
     status = {}
     for name, fn in variants.items():
@@ -284,7 +312,8 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     rows = []
     for length in lengths:
-        for name in ("triton (ours)", CHANNELS_LAST, "triton (ours, unsplit)", "mamba-ssm", "torch chunked",
+        ckpt = [ckpt_variant(args.checkpoint_every)] if args.checkpoint_every else []
+        for name in ("triton (ours)", *ckpt, CHANNELS_LAST, "triton (ours, unsplit)", "mamba-ssm", "torch chunked",
                      "reference"):
             for mode in ("fwd", "fwd+bwd"):
                 if name == "triton (ours, unsplit)" and not segment_len_for(args.batch, args.dim, length):
@@ -301,11 +330,13 @@ def main() -> None:
                 else:
                     slow = name in ("torch chunked", "reference")
                     try:
-                        ms = measure(variants[name], args.batch, args.dim, args.dstate, length, mode,
+                        ms, peak_mib = measure(variants[name], args.batch, args.dim, args.dstate, length, mode,
                                      warmup=0 if name == "reference" else (1 if slow else 3),
                                      repeats=1 if name == "reference" else (3 if slow else None),
                                      layout_cl=name == CHANNELS_LAST)
                         nbytes = essential_bytes(args.batch, args.dim, args.dstate, length, 2, mode != "fwd")
+                        if peak_mib is not None:
+                            row["peak_mib"] = peak_mib
                         row.update(ms=ms, gb_per_s=nbytes / ms / 1e6, hbm_fraction=nbytes / ms / 1e-3 / HBM_BYTES_PER_S,
                                    x_exp_floor=ms / exp_floor)
                     except Exception as exc:
@@ -316,16 +347,17 @@ def main() -> None:
 
     print(f"\nB={args.batch} D={args.dim} N={args.dstate} bf16 on {props.name} ({sms} SMs); ours: fwd {fwd_cfg}, "
           f"bwd {bwd_cfg}; HBM {HBM_BYTES_PER_S / 1e12:.0f} TB/s, exp floor at {clock_hz / 1e9:.2f} GHz\n")
-    print("| variant | L | pass | ms | speed vs mamba-ssm | GB/s (essential) | of HBM | x exp floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | L | pass | ms | speed vs mamba-ssm | GB/s (essential) | of HBM | x exp floor | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     anchor = {(r["L"], r["pass"]): r["ms"] for r in rows if r["variant"] == "mamba-ssm" and "ms" in r}
     for r in rows:
         if "ms" in r:
             vs = f"{anchor[(r['L'], r['pass'])] / r['ms']:.2f}x" if (r["L"], r["pass"]) in anchor else "-"
+            peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
             print(f"| {r['variant']} | {r['L']} | {r['pass']} | {r['ms']:.3f} | {vs} | {r['gb_per_s']:.0f} | "
-                  f"{r['hbm_fraction']:.1%} | {r['x_exp_floor']:.1f} |")
+                  f"{r['hbm_fraction']:.1%} | {r['x_exp_floor']:.1f} | {peak} |")
         else:
-            print(f"| {r['variant']} | {r['L']} | {r['pass']} | error: {r['error'][:80]} | | | | |")
+            print(f"| {r['variant']} | {r['L']} | {r['pass']} | error: {r['error'][:80]} | | | | | |")
     if sweep_rows:
         print(f"\nLaunch-shape sweep of ours at L={SWEEP_LENGTH} (fwd: forward alone; bwd: forward+backward):\n")
         print("| pass | config | default | ms |")
@@ -350,6 +382,7 @@ def main() -> None:
                         "cuda": torch.version.cuda},
             "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]),
             "shape": {"batch": args.batch, "dim": args.dim, "dstate": args.dstate, "dtype": "bfloat16"},
+            "checkpoint_every": args.checkpoint_every,
             "ours_configs": {"fwd": fwd_cfg, "bwd": bwd_cfg},
             "validation": status,
             "rows": rows,

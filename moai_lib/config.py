@@ -63,6 +63,10 @@ class MoaiMambaConfig(PretrainedConfig):
         use_fast_scan: use the fast scan backend (`kernel_backend`); False forces the sequential reference.
         kernel_backend: "auto", "reference", "cpu", "torch", "triton" or "mamba_ssm" (see `moai_lib.kernels.dispatch`).
         use_checkpoint: enable activation (gradient) checkpointing of every layer when the model is built.
+        scan_checkpoint_every: Triton scan only, for long-context training: 0 (default) saves the scan's fp32 state
+            every backward chunk (4 steps at N=16: 16 B per channel and step, 8x a bf16 activation); a power of two
+            ≥ 64 (e.g. 256) saves it every that many steps and recomputes the rest in the backward (one more scan
+            forward; `moai_lib.kernels.triton_scan`). Other backends ignore it.
         use_quantization / quantization_bits: record that the model is meant for quantization-aware training
             at this many bits (4 or 8); the quantization code reads these.
         use_bias / use_conv_bias: biases of the linear projections / of the conv (False / True in Mamba).
@@ -94,6 +98,7 @@ class MoaiMambaConfig(PretrainedConfig):
         use_fast_scan: bool = True,
         kernel_backend: str = "auto",
         use_checkpoint: bool = False,
+        scan_checkpoint_every: int = 0,
         use_quantization: bool = False,
         quantization_bits: int = 4,
         use_bias: bool = False,
@@ -126,6 +131,7 @@ class MoaiMambaConfig(PretrainedConfig):
         self.use_fast_scan = use_fast_scan
         self.kernel_backend = kernel_backend
         self.use_checkpoint = use_checkpoint
+        self.scan_checkpoint_every = scan_checkpoint_every
         self.use_quantization = use_quantization
         self.quantization_bits = quantization_bits
         self.use_bias = use_bias
@@ -192,6 +198,12 @@ class MoaiMambaConfig(PretrainedConfig):
             raise ConfigError(f"dt_init must be 'random' or 'constant', got {self.dt_init!r}")
         if self.kernel_backend not in BACKENDS:
             raise ConfigError(f"kernel_backend must be one of {', '.join(BACKENDS)}, got {self.kernel_backend!r}")
+        every = self.scan_checkpoint_every
+        if (isinstance(every, bool) or not isinstance(every, int) or every < 0 or every & (every - 1)
+                or 0 < every < 64):
+            raise ConfigError(
+                f"scan_checkpoint_every must be 0 (checkpoint every scan chunk, the default) or a power of two "
+                f"≥ 64 (e.g. 256, for long-context training), got {every!r}")
         if self.quantization_bits not in (4, 8):
             raise ConfigError(f"quantization_bits must be 4 or 8, got {self.quantization_bits!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -148,9 +148,11 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    return_last_state=False, initial_state=None, backend: str = "auto",
+    return_last_state=False, initial_state=None, backend: str = "auto", checkpoint_every: int = 0,
 ):
-    """Selective scan with the semantics of `reference.selective_scan_ref` (shapes documented there)."""
+    """Selective scan with the semantics of `reference.selective_scan_ref` (shapes documented there).
+    `checkpoint_every` (backend triton only; the others ignore it): save the backward's state checkpoints every
+    that many steps instead of every chunk (`triton_scan.ScanConfig.checkpoint_every`), less memory, slower."""
     name = resolve_backend(backend, u.device)
     if name == "reference":
         fn = reference.selective_scan_ref
@@ -159,7 +161,10 @@ def selective_scan(
     elif name == "cpu":
         from .cpu_fused import selective_scan_fused as fn
     elif name == "triton":
-        from .triton_scan import selective_scan_triton as fn
+        from .triton_scan import selective_scan_triton
+
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     initial_state, checkpoint_every=checkpoint_every)
     else:
         if initial_state is not None:
             raise BackendUnavailableError(

@@ -50,9 +50,9 @@ torch's conv (pad, fp32 copy, conv, SiLU, cast); its backward mirrored most of i
 forward + backward, those copies were ~31% of a 370m training step's GPU time (BENCHMARKS.md section 3).
 
 Backward (recomputation instead of stored B*D*L*N intermediates): when a gradient is needed, the forward also
-writes the state entering each backward chunk, (B, D, ceil(L/T_bwd), N) fp32. The backward program walks its
-chunks in reverse; per chunk it reloads the inputs, recomputes a_t, x_t and h_t with the forward scan, and
-solves the adjoint recurrence
+writes the state entering each backward chunk, (B, D, ceil(L/T_bwd), N) fp32 (or every K steps only: "Sparse
+checkpoints" below). The backward program walks its chunks in reverse; per chunk it reloads the inputs,
+recomputes a_t, x_t and h_t with the forward scan, and solves the adjoint recurrence
 
     g_t = dL/dh_t = C_t * dy_t + a_{t+1} * g_{t+1}
 
@@ -71,6 +71,25 @@ of state-spaces/mamba, which avoids a shifted state):
 dB and dC are summed over the program's BD channels in registers and added across the D/BD programs with fp32
 `atomic_add` (so they are not bitwise deterministic, like mamba-ssm's); dA, dD and d(delta_bias) are summed over
 L in registers and written per batch row, then summed over B by torch.
+
+Sparse checkpoints (opt-in, `ScanConfig.checkpoint_every` = K, a power of two multiple of T_bwd; the model's
+`scan_checkpoint_every`). Dense checkpoints cost 4*N/T_bwd bytes per (b, d, t) element: 16 B at N=16, T=4, 8x the
+bf16 input u itself; at B=1, E=4096, L=32K that is 2.0 GiB per layer, held from the forward to the backward (the
+largest part of a Mamba block's 4.90 GiB peak on the H200, BENCHMARKS.md section 2; mamba-ssm saves its chunk
+states every 2048 steps). With K the forward saves the state every K steps only, 4*N/K bytes per element (0.25 B at
+K=256: 32 MiB at that shape, 64x less). The backward walks its chunks in reverse as before; on entering a group of
+G = K/T_bwd chunks (at its last chunk) it recomputes the forward over the group's first G-1 chunks from the
+group's checkpoint and writes their entering states to a per-program scratch in global memory, (programs, G, N, BD)
+fp32 = 4*N*K/T_bwd bytes per (row, channel) = 16 KiB per channel at K=256 (16 MiB at B=1, E=4096; times S rows
+when `triton_scan_seg` splits L into S segments: 128 MiB at 32K steps in 8 segments), allocated only during the
+backward. Each program touches its own 16*K*BD bytes (64 KiB at BD=16), written and reread within one group,
+so the resident programs' working set (~132 SMs x a few programs) is about the H200's 50 MiB L2; if it spills,
+the HBM traffic is what the dense checkpoints cost (4*N/T_bwd bytes written and read per element), moved into the
+backward. Extra backward cost: one more forward over (G-1)/G of the steps, without y: per (b, d, t, n) one exp2
+and ~3 FMAs (delta*A, B*delta*u, the scan's a*h + x), per (b, d, t) the softplus (~20 instructions, shared by the
+N states) and a second read of u and delta (2s bytes, likely L2 hits: the group's K steps were just read). The
+backward issues ~3x the forward's instructions, so expect ~+30% backward time (~+20% forward + backward) at
+K=256; `benchmarks/bench_scan_gpu.py --checkpoint-every` measures it.
 
 Memory traffic napkin math, bytes per (b, d, t) element, s = bytes of the input dtype (2 for bf16):
 - forward: read u, delta, z + write y = 4s (8 B in bf16); B and C are (B, N, L), shared by the D channels:
@@ -93,11 +112,18 @@ exps (one more B*D*L*N) and issues ~3x the instructions of the forward. The benc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from ..errors import MoaiError
+
+
+class ScanConfigError(MoaiError, ValueError):
+    """A launch shape or checkpoint interval the scan kernels cannot take."""
 
 
 @dataclass(frozen=True)
@@ -106,15 +132,22 @@ class ScanConfig:
 
     block_d: channels per program (BD); they share the B/C loads, and in the backward the dB/dC reduction.
     block_l: chunk length (T), the steps held in registers; the state is carried between chunks. The backward's
-        block_l also sets how often the forward checkpoints the state (4*N/T bytes per element).
+        block_l also sets how often the forward checkpoints the state (4*N/T bytes per element), unless
+        `checkpoint_every` says otherwise.
     num_warps: warps per program.
     d_regs: backward only: channel groups per thread (D2); block_d / d_regs channels go on lanes.
+    checkpoint_every: backward only, opt-in sparse checkpoints for long contexts. 0 (default): the forward saves
+        the state entering every backward chunk. Else a power of two multiple of block_l (e.g. 256): the forward
+        saves it every `checkpoint_every` steps only (block_l / checkpoint_every of the memory), and the backward
+        recomputes the forward over each group of checkpoint_every / block_l chunks before walking it in reverse
+        (see "Sparse checkpoints" in the module docstring). Exact up to fp32 rounding; costs one more forward.
     """
 
     block_d: int
     block_l: int
     num_warps: int = 1
     d_regs: int = 1
+    checkpoint_every: int = 0
 
     def __post_init__(self):
         for name in ("block_d", "block_l", "num_warps", "d_regs"):
@@ -123,6 +156,26 @@ class ScanConfig:
                 raise ValueError(f"ScanConfig.{name} must be a power of two, got {value!r}")
         if self.d_regs > self.block_d:
             raise ValueError(f"ScanConfig.d_regs ({self.d_regs}) cannot exceed block_d ({self.block_d})")
+        every = self.checkpoint_every
+        if (isinstance(every, bool) or not isinstance(every, int) or every < 0 or every & (every - 1)
+                or 0 < every < self.block_l):
+            raise ScanConfigError(
+                f"ScanConfig.checkpoint_every must be 0 (a checkpoint per backward chunk) or a power of two "
+                f">= block_l ({self.block_l}), e.g. 256; got {every!r}")
+
+    @property
+    def save_every(self) -> int:
+        """Steps between the forward's checkpoints of the state (backward configs)."""
+        return self.checkpoint_every or self.block_l
+
+    @property
+    def ckpt_group(self) -> int:
+        """Backward chunks per checkpoint: 1, or the chunks the backward recomputes from one checkpoint."""
+        return self.save_every // self.block_l
+
+    def n_checkpoints(self, length: int) -> int:
+        """States the forward saves per (row, channel) for a scan of `length` steps (backward configs)."""
+        return triton.cdiv(length, self.save_every)
 
 
 # Fewer programs than this leaves the H200's 132 SMs short of warps (~8 single-warp programs per SM).
@@ -320,15 +373,19 @@ def _scan_fwd_kernel(
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr, carry_dsum_ptr, carry_part_ptr,
-    dim, length, dstate, n_chunks, seg_first, n_seg,
+    scratch_ptr, dim, length, dstate, n_chunks, seg_first, n_seg,
     su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sz_b, sz_d, sz_l, sg_b, sg_d, sg_l,
     sdu_b, sdu_d, sdu_l, sddl_b, sddl_d, sddl_l, sdz_b, sdz_d, sdz_l,
     sB_b, sB_n, sB_l, sC_b, sC_n, sC_l, sdB_b, sdB_n, sdB_l,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
     SOFTPLUS: tl.constexpr, ADJOINT_ONLY: tl.constexpr, HAS_DLAST: tl.constexpr, SEG_CARRY: tl.constexpr,
+    CKPT_GROUP: tl.constexpr,
     BLOCK_D2: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # Inputs as in the forward; states: (B, D, n_chunks, N); dout: (B, D, L) with strides sg_*; dlast: (B, D, N).
+    # Inputs as in the forward; states: (B, D, ceil(n_chunks / CKPT_GROUP), N), the state entering every
+    # CKPT_GROUP-th chunk (CKPT_GROUP > 1: sparse checkpoints, the chunk-start states of a group are recomputed
+    # into scratch: (programs, CKPT_GROUP, BLOCK_N, BD) fp32, one slice per program); dout: (B, D, L) with
+    # strides sg_*; dlast: (B, D, N).
     # Outputs: du, ddelta, dz (B, D, L) in the inputs' dtypes, strides sdu_*, sddl_*, sdz_*; dB, dC (B, N, L)
     # fp32, both with strides sdB_*, accumulated atomically;
     # dA (B, D, N), dD and dbias (B, D) fp32 per batch row; dh0 (B, D, N) fp32.
@@ -362,7 +419,15 @@ def _scan_bwd_kernel(
     B_row, C_row = pid_b * sB_b + offs_n * sB_n, pid_b * sC_b + offs_n * sC_n  # (N,)
     dBC_row = pid_b * sdB_b + offs_n * sdB_n
     bdn_off = pid_b * dim * dstate + dnd  # (D2, N, D1) into (B, D, N)
-    st_off = (pid_b * dim + offs_d[:, None, :]) * n_chunks * dstate + offs_n[None, :, None]
+    n_saved = (n_chunks + CKPT_GROUP - 1) // CKPT_GROUP
+    st_off = (pid_b * dim + offs_d[:, None, :]) * n_saved * dstate + offs_n[None, :, None]
+    if CKPT_GROUP > 1:
+        # This program's scratch: CKPT_GROUP slots of (BLOCK_N, BD) fp32, slot k the state entering the group's
+        # chunk k. Channels on the fastest axis: a warp's store of one state is consecutive channels.
+        pid = pid_b * tl.num_programs(1) + tl.program_id(1)
+        d_loc = tl.arange(0, BLOCK_D2)[:, None] * BLOCK_D1 + tl.arange(0, BLOCK_D1)[None, :]  # (D2, D1)
+        slot = BLOCK_N * BLOCK_D2 * BLOCK_D1
+        scr_off = pid * CKPT_GROUP * slot + offs_n[None, :, None] * (BLOCK_D2 * BLOCK_D1) + d_loc[:, None, :]
     first = offs_l[:, None, None, None] == 0
     last = offs_l[:, None, None, None] == BLOCK_L - 1
 
@@ -386,6 +451,39 @@ def _scan_bwd_kernel(
 
     for i in range(n_chunks):
         c = n_chunks - 1 - i
+        if CKPT_GROUP > 1 and not ADJOINT_ONLY:
+            c0 = (c // CKPT_GROUP) * CKPT_GROUP  # the group's first chunk, whose entering state was saved
+            if (c == n_chunks - 1) | (c - c0 == CKPT_GROUP - 1):
+                # The reverse walk enters a group (at its last chunk, or at the tail's): recompute the forward
+                # over the group's chunks c0 .. c-1 from its checkpoint, into the scratch slots 0 .. c-c0.
+                # Memory ordering: the scratch is written and read by different threads of the program (the
+                # (D2, N, D1) state of a scan reduction and that of a load need not share a layout), so a
+                # barrier (bar.sync, which also orders global memory within the CTA) separates the previous
+                # group's last reads of the slots from these writes (WAR) and these writes from the reads below
+                # (RAW). The branch condition is uniform over the program.
+                tl.debug_barrier()
+                hg = tl.load(states_ptr + st_off + (c // CKPT_GROUP) * dstate, mask=mask_dnd, other=0.0)
+                for k in range(c - c0):
+                    tl.store(scratch_ptr + scr_off + k * slot, hg)
+                    tk = (c0 + k) * BLOCK_L + offs_l  # a full chunk: only the walk's first chunk has a tail
+                    tk64 = tk.to(tl.int64)[:, None, None]
+                    dk = tl.load(delta_ptr + dl_row[None, :, :] + tk64 * sdl_l, mask=mask_d[None, :, :],
+                                 other=0.0).to(tl.float32)
+                    if HAS_BIAS:
+                        dk = dk + bias[None, :, :]
+                    if SOFTPLUS:
+                        dk = _softplus(dk)
+                    uk = tl.load(u_ptr + u_row[None, :, :] + tk64 * su_l, mask=mask_d[None, :, :],
+                                 other=0.0).to(tl.float32)
+                    Bk = tl.load(B_ptr + B_row[None, :] + tk.to(tl.int64)[:, None] * sB_l, mask=mask_n[None, :],
+                                 other=0.0).to(tl.float32)[:, None, :, None]
+                    ak = tl.exp2(dk[:, :, None, :] * A2[None, :, :, :])
+                    xk = Bk * (dk * uk)[:, :, None, :]
+                    xk = tl.where(first, xk + ak * hg[None, :, :, :], xk)
+                    _, hk = tl.associative_scan((ak, xk), axis=0, combine_fn=_affine_combine)
+                    hg = tl.sum(tl.where(last, hk, -0.0), axis=0)
+                tl.store(scratch_ptr + scr_off + (c - c0) * slot, hg)
+                tl.debug_barrier()
         t = c * BLOCK_L + offs_l
         mask_l = t < length
         mask_ld = mask_l[:, None, None] & mask_d[None, :, :]  # (T, D2, D1)
@@ -404,7 +502,10 @@ def _scan_bwd_kernel(
         Ct = tl.load(C_ptr + C_row[None, :] + tn64 * sC_l, mask=mask_ln, other=0.0).to(tl.float32)[:, None, :, None]
         a = tl.exp2(dl[:, :, None, :] * A2[None, :, :, :])  # (T, D2, N, D1)
         if not ADJOINT_ONLY:
-            h_start = tl.load(states_ptr + st_off + c * dstate, mask=mask_dnd, other=0.0)
+            if CKPT_GROUP > 1:
+                h_start = tl.load(scratch_ptr + scr_off + (c % CKPT_GROUP) * slot)
+            else:
+                h_start = tl.load(states_ptr + st_off + c * dstate, mask=mask_dnd, other=0.0)
             u = tl.load(u_ptr + u_row[None, :, :] + t64 * su_l, mask=mask_ld, other=0.0).to(tl.float32)
             Bt = tl.load(B_ptr + B_row[None, :] + tn64 * sB_l, mask=mask_ln,
                          other=0.0).to(tl.float32)[:, None, :, None]  # (T, 1, N, 1)
@@ -515,7 +616,7 @@ def launch_fwd(u, delta, A32, B, C, D, z, delta_bias, h0, out, last, states, sof
                fwd_cfg: ScanConfig, bwd_cfg: ScanConfig, dsum=None, carry=None, seg_first: int = 0) -> None:
     """One forward launch over (B', D, L') views of any strides (the batch may be a set of segments of L, see
     `triton_scan_seg`): writes out, last (B', D, N) fp32 and, if `states` is given, the backward's checkpoints
-    (B', D, ceil(L'/bwd_cfg.block_l), N) fp32. h0, last and states are contiguous. Segments: `dsum` (B', D)
+    (B', D, bwd_cfg.n_checkpoints(L'), N) fp32. h0, last and states are contiguous. Segments: `dsum` (B', D)
     receives each row's sum of softplus(delta + bias); `carry` = (dsum, part) of all segments makes row b start
     from the state entering segment seg_first + b, h0 then being the sequence's (D, N) initial state."""
     batch, dim, length = u.shape
@@ -527,37 +628,53 @@ def launch_fwd(u, delta, A32, B, C, D, z, delta_bias, h0, out, last, states, sof
         dim, length, dstate, triton.cdiv(length, fwd_cfg.block_l), states.shape[2] if save else 0, seg_first,
         *_strides(u, delta, z, out, B, C),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=h0 is not None,
-        SOFTPLUS=softplus, SAVE_STATES=save, SAVE_EVERY=bwd_cfg.block_l,
+        SOFTPLUS=softplus, SAVE_STATES=save, SAVE_EVERY=bwd_cfg.save_every,
         STORE_DSUM=dsum is not None, SEG_CARRY=carry is not None,
         BLOCK_D=fwd_cfg.block_d, BLOCK_N=_block_n(dstate), BLOCK_L=fwd_cfg.block_l, num_warps=fwd_cfg.num_warps,
     )
 
 
+def bwd_scratch(batch: int, dim: int, dstate: int, cfg: ScanConfig, device) -> torch.Tensor | None:
+    """The backward's scratch for sparse checkpoints (`cfg.checkpoint_every`): the chunk-start states of one group
+    per program, (programs, checkpoint_every / block_l, N, BD) fp32, for a launch over `batch` rows; None when
+    every chunk has its checkpoint."""
+    if cfg.ckpt_group == 1:
+        return None
+    programs = batch * triton.cdiv(dim, cfg.block_d)
+    return torch.empty((programs, cfg.ckpt_group, _block_n(dstate), cfg.block_d), dtype=torch.float32,
+                       device=device)
+
+
 def launch_bwd(u, delta, A32, B, C, D, z, delta_bias, states, dout, dlast, du, ddelta, dA, dB, dC, dD, dz, dbias,
                dh0, softplus: bool, cfg: ScanConfig, adjoint_only: bool = False, carry=None, seg_first: int = 0,
-               n_seg: int = 0) -> None:
+               n_seg: int = 0, scratch: torch.Tensor | None = None) -> None:
     """One backward launch over (B', D, L') views (as `launch_fwd`). dB and dC are fp32, zeroed by the caller,
     accumulated atomically, with B's strides. dlast None: a zero incoming adjoint. `adjoint_only`: write dh0 only
     (u, B, states and the other outputs are not touched and may be None). `carry` = (dsum, part) of all n_seg
     segments: row b's incoming adjoint is carried in from the segments after seg_first + b, dlast then being the
-    sequence's (D, N) final-state gradient."""
+    sequence's (D, N) final-state gradient. `states` holds cfg.n_checkpoints(L') states per row; with sparse
+    checkpoints (cfg.checkpoint_every) `scratch` is `bwd_scratch` of at least this launch's size (allocated here
+    when None; callers launching repeatedly pass one)."""
     batch, dim, length = delta.shape
     dstate = A32.shape[1]
     carry_dsum, carry_part = carry if carry is not None else (None, None)
+    group = 1 if adjoint_only else cfg.ckpt_group  # the adjoint alone reads no states
+    if group > 1 and scratch is None:
+        scratch = bwd_scratch(batch, dim, dstate, cfg, delta.device)
     _scan_bwd_kernel[_grid(batch, dim, cfg)](
         u, delta, A32, B, C, D, z, delta_bias, states, dout, dlast,
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, carry_dsum, carry_part,
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, carry_dsum, carry_part, scratch if group > 1 else None,
         dim, length, dstate, triton.cdiv(length, cfg.block_l), seg_first, n_seg,
         *_strides(u, delta, z, dout, du, ddelta, dz, B, C, dB),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_H0=dh0 is not None,
         SOFTPLUS=softplus, ADJOINT_ONLY=adjoint_only, HAS_DLAST=dlast is not None, SEG_CARRY=carry is not None,
-        BLOCK_D2=cfg.d_regs, BLOCK_D1=cfg.block_d // cfg.d_regs,
+        CKPT_GROUP=group, BLOCK_D2=cfg.d_regs, BLOCK_D1=cfg.block_d // cfg.d_regs,
         BLOCK_N=_block_n(dstate), BLOCK_L=cfg.block_l, num_warps=cfg.num_warps,
     )
 
 
 class _SelectiveScanTritonFn(torch.autograd.Function):
-    """The fused selective scan; saves only its inputs and the (B, D, ceil(L/T_bwd), N) chunk states.
+    """The fused selective scan; saves only its inputs and the (B, D, bwd_cfg.n_checkpoints(L), N) chunk states.
 
     u, delta, z, B, C may have any strides (channels-last views in the model: no copies); the output and every
     (B, X, L) gradient is dense in the layout of its input (`empty_in_layout`)."""
@@ -570,7 +687,7 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
         D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
         A32 = A.float().contiguous()
         save = any(ctx.needs_input_grad)
-        n_saved = triton.cdiv(length, bwd_cfg.block_l)
+        n_saved = bwd_cfg.n_checkpoints(length)
         states = u.new_empty((batch, dim, n_saved if save else 0, dstate), dtype=torch.float32)
         out = empty_in_layout(u)
         last = u.new_empty((batch, dim, dstate), dtype=torch.float32)
@@ -626,6 +743,7 @@ def selective_scan_triton(
     fwd_config: ScanConfig | None = None,
     bwd_config: ScanConfig | None = None,
     segment_len: int | None = None,
+    checkpoint_every: int | None = None,
 ):
     """Selective scan with exactly the semantics of `reference.selective_scan_ref`, as Triton kernels.
 
@@ -638,8 +756,10 @@ def selective_scan_triton(
     Differentiable w.r.t. every tensor argument. `fwd_config` / `bwd_config` only trade speed
     (defaults: `default_configs`), and so does `segment_len`: split L into segments of that many steps, scanned
     in parallel (`triton_scan_seg`; exact); None chooses (`triton_scan_seg.segment_len_for`: only long sequences of
-    small batches), 0 never splits. Tensors must be on a CUDA GPU, or on the CPU with
-    TRITON_INTERPRET=1 set before triton was first imported.
+    small batches), 0 never splits. `checkpoint_every` (None: the backward config's, 0 by default) trades backward
+    time for memory: the forward saves the state every that many steps instead of every backward chunk
+    (`ScanConfig.checkpoint_every`; a power of two >= the backward's block_l, e.g. 256). Tensors must be on a
+    CUDA GPU, or on the CPU with TRITON_INTERPRET=1 set before triton was first imported.
     """
     batch, dim, length = u.shape
     if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
@@ -665,6 +785,8 @@ def selective_scan_triton(
     default_fwd, default_bwd = default_configs(batch * (triton.cdiv(length, segment_len) if split else 1), dim,
                                                dstate)
     fwd_config, bwd_config = fwd_config or default_fwd, bwd_config or default_bwd
+    if checkpoint_every is not None:
+        bwd_config = dataclasses.replace(bwd_config, checkpoint_every=checkpoint_every)
     if split:
         out, last = triton_scan_seg._SegmentedScanFn.apply(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, fwd_config, bwd_config,

@@ -105,7 +105,7 @@ class _SegmentedScanFn(torch.autograd.Function):
         out = ts.empty_in_layout(u)
         last = torch.empty((batch, dim, dstate), **f32)
         # The backward's checkpoints, per batch row and segment (each segment is a batch row of the kernels).
-        states = [torch.empty((batch, n, dim, triton.cdiv(view_len, bwd_cfg.block_l) if save else 0, dstate), **f32)
+        states = [torch.empty((batch, n, dim, bwd_cfg.n_checkpoints(view_len) if save else 0, dstate), **f32)
                   for n, view_len in ((split.n_full, seg_len), (int(split.tail > 0), split.tail)) if n]
         # Pass 1's per-segment delta sums and zero-start final states (all but the last segment), and pass 2's
         # delta sums of every segment (the backward's carry).
@@ -151,6 +151,8 @@ class _SegmentedScanFn(torch.autograd.Function):
         dbias = torch.empty((batch, split.n_seg, dim), **f32) if delta_bias is not None else None
         dh0 = torch.empty((batch, split.n_seg, dim, dstate), **f32) if h0 is not None else None
         part = torch.empty((split.n_seg, dim, dstate), **f32)
+        # Sparse checkpoints: one scratch for every pass-2b launch (stream-ordered), sized for the largest.
+        scratch = ts.bwd_scratch(max(split.n_full, 1), dim, dstate, cfg, u.device)
         with ts._on_device(u):
             for b in range(batch):
                 pieces = split.pieces(b)
@@ -168,7 +170,7 @@ class _SegmentedScanFn(torch.autograd.Function):
                                   dA[b, sl], view(dB), view(dC), dD[b, sl] if D is not None else None, view(dz),
                                   dbias[b, sl] if delta_bias is not None else None,
                                   dh0[b, sl] if h0 is not None else None, softplus, cfg, carry=(dsum[b], part),
-                                  seg_first=first, n_seg=split.n_seg)
+                                  seg_first=first, n_seg=split.n_seg, scratch=scratch)
         return (
             du, ddelta, dA.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz,

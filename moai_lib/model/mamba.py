@@ -157,6 +157,7 @@ class MambaMixer(nn.Module):
             initial_state=cache.ssm_states[self.layer_idx] if continuing else None,
             # mamba-ssm's scan takes no initial state: continue a cached scan with the torch path instead.
             backend="torch" if continuing and backend == "mamba_ssm" else backend,
+            checkpoint_every=self.config.scan_checkpoint_every,
         )
         if cache is not None:
             y, last_state = scan

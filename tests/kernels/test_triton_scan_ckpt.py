@@ -1,0 +1,177 @@
+"""Sparse checkpoints of the Triton scan (`ScanConfig.checkpoint_every`) against the sequential reference: outputs,
+final states and every gradient with groups of 2 and 4 backward chunks, L not a multiple of the group (a shorter
+last group and a partial last chunk), with and without an initial state, gate, D and bias, on channels-last views,
+through the unsplit and the segmented path; the saved checkpoints really shrink by checkpoint_every / block_l; the
+model-level switch reaches the kernel; and the validation of both settings.
+
+The kernels run under Triton's interpreter in a fresh process (as test_triton_scan_seg.py); the GPU test at the end
+compares checkpoint_every=256 with the default at a realistic shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_triton_kernels import (  # noqa: E402
+    TOL,
+    _import_kernels_only,
+    _vectorize_interpreter_scan,
+    make_scan_inputs,
+    run_scan,
+    scaled_error,
+)
+from test_triton_scan_seg import _channels_last  # noqa: E402
+
+# (B, D, N, L, checkpoint_every, segment_len, options, channels_last); block_l 4 in both directions, so
+# checkpoint_every 8 / 16 is a group of 2 / 4 backward chunks.
+CKPT_CASES = {
+    # 37 = 2 groups of 16 + a group of 1 partial chunk; every option on.
+    "tail_L37_every16": (2, 8, 4, 37, 16, 0, {}, False),
+    # 29 = 3 groups of 8 + a group of 2 chunks, the last partial; channels-last views.
+    "channels_last_L29_every8": (2, 8, 4, 29, 8, 0, {}, True),
+    # No initial state, gate, D, bias or softplus; L=23: 2 groups of 8 steps and a 7-step group (a partial chunk).
+    "plain_L23_every8": (1, 4, 3, 23, 8, 0, dict(h0=False, z=False, D=False, bias=False, softplus=False), False),
+    # Segmented: 2 segments of 24 steps + a 13-step tail segment, each with its own groups (SEG_CARRY, ADJOINT_ONLY).
+    "segmented_L61_seg24_every16": (2, 8, 4, 61, 16, 24, {}, True),
+    "segmented_L40_seg16_every8_no_h0": (1, 8, 4, 40, 8, 16, dict(h0=False), False),
+}
+
+
+def _states(y: torch.Tensor) -> list[torch.Size]:
+    """Shapes of the checkpoint tensors the autograd Function saved: its trailing saved tensors (the unsplit Function
+    saves one (B, D, n, N) tensor last, the segmented one a (B, S, D, n, N) tensor per group of segments)."""
+    saved = y.grad_fn.saved_tensors
+    if type(y.grad_fn).__name__.startswith("_SegmentedScanFn"):
+        return [t.shape for t in saved[10:]]
+    return [saved[-1].shape]
+
+
+def _case(case: str) -> dict:
+    from moai_lib.kernels.reference import selective_scan_ref
+    from moai_lib.kernels.triton_scan import ScanConfig, selective_scan_triton
+
+    batch, dim, dstate, length, every, seg_len, options, cl = CKPT_CASES[case]
+    inputs, grads, softplus = make_scan_inputs(batch, dim, dstate, length, torch.float32, options)
+    ref = run_scan(selective_scan_ref, inputs, grads, softplus)
+    if cl:
+        inputs = _channels_last(inputs)
+    ours = run_scan(selective_scan_triton, inputs, grads, softplus, fwd_config=ScanConfig(4, 4),
+                    bwd_config=ScanConfig(4, 4, d_regs=2, checkpoint_every=every), segment_len=seg_len)
+    return {k: scaled_error(ours[k], ref[k]) for k in ref}
+
+
+def _saved_sizes() -> dict:
+    """Checkpoint shapes saved with checkpoint_every 0 / 16 (block_l 4), unsplit (L=64) and segmented (L=64 as
+    segments of 32), the override keyword of `selective_scan_triton`, and the dispatch keyword the mixer uses."""
+    from moai_lib.kernels import dispatch
+    from moai_lib.kernels.triton_scan import ScanConfig, selective_scan_triton
+
+    inputs, _, softplus = make_scan_inputs(1, 4, 4, 64, torch.float32, {})
+    out = {}
+    for seg_len in (0, 32):
+        for every in (0, 16):
+            y = selective_scan_triton(**inputs, delta_softplus=softplus, fwd_config=ScanConfig(4, 4),
+                                      bwd_config=ScanConfig(4, 4, checkpoint_every=every), segment_len=seg_len)
+            out[f"seg{seg_len}_every{every}"] = [list(s) for s in _states(y)]
+    # The keyword overrides the backward config's interval (here the default configs': block_l 16 at N=4).
+    y = selective_scan_triton(**inputs, delta_softplus=softplus, segment_len=0, checkpoint_every=32)
+    out["keyword_every32"] = [list(s) for s in _states(y)]
+    y = dispatch.selective_scan(**inputs, delta_softplus=softplus, backend="triton", checkpoint_every=64)
+    out["dispatch_every64"] = [list(s) for s in _states(y)]
+    return out
+
+
+def _subprocess_main() -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1" or "triton" in sys.modules:
+        raise SystemExit("run with TRITON_INTERPRET=1 in a fresh process")
+    _import_kernels_only()
+    _vectorize_interpreter_scan()
+    print(json.dumps({"errors": {case: _case(case) for case in CKPT_CASES}, "saved": _saved_sizes()}))
+
+
+@pytest.fixture(scope="module")
+def interpreted(run_interpreted):
+    return run_interpreted(__file__)
+
+
+def test_interpreted_sparse_checkpoints_match_reference(interpreted):
+    results = interpreted["errors"]
+    assert set(results) == set(CKPT_CASES)
+    for case, errors in results.items():
+        bad = {k: v for k, v in errors.items() if not v <= TOL["float32"]}
+        assert not bad, f"{case}: {bad} (tolerance {TOL['float32']})"
+        assert {"y", "last", "du", "ddelta", "dA", "dB", "dC"} <= set(errors)
+        if CKPT_CASES[case][6].get("h0", True):
+            assert "dinitial_state" in errors
+
+
+def test_interpreted_checkpoints_shrink(interpreted):
+    saved = interpreted["saved"]
+    # (B, D, n, N): 16 chunk states of 4 steps, or 4 checkpoints of 16 steps.
+    assert saved["seg0_every0"] == [[1, 4, 16, 4]]
+    assert saved["seg0_every16"] == [[1, 4, 4, 4]]
+    # (B, S, D, n, N) per group of equal segments: 2 segments of 32 steps, 8 or 2 states each.
+    assert saved["seg32_every0"] == [[1, 2, 4, 8, 4]]
+    assert saved["seg32_every16"] == [[1, 2, 4, 2, 4]]
+    assert saved["keyword_every32"] == [[1, 4, 2, 4]]
+    assert saved["dispatch_every64"] == [[1, 4, 1, 4]]
+
+
+def test_checkpoint_every_validation():
+    pytest.importorskip("triton")
+    from moai_lib.config import ConfigError, MoaiMambaConfig
+    from moai_lib.errors import MoaiError
+    from moai_lib.kernels.triton_scan import ScanConfig, ScanConfigError
+
+    assert ScanConfig(8, 4).ckpt_group == 1 and ScanConfig(8, 4).n_checkpoints(9) == 3
+    cfg = ScanConfig(8, 4, checkpoint_every=256)
+    assert cfg.ckpt_group == 64 and cfg.n_checkpoints(257) == 2
+    for bad in (2, 12, -4, True, 64.0):  # below block_l, not a power of two, negative, not an int
+        with pytest.raises(ScanConfigError, match="checkpoint_every"):
+            ScanConfig(8, 4, checkpoint_every=bad)
+    assert issubclass(ScanConfigError, MoaiError)
+
+    assert MoaiMambaConfig().scan_checkpoint_every == 0
+    assert MoaiMambaConfig(scan_checkpoint_every=256).scan_checkpoint_every == 256
+    for bad in (32, 100, -64, True, "256"):
+        with pytest.raises(ConfigError, match=r"scan_checkpoint_every .*power of two ≥ 64"):
+            MoaiMambaConfig(scan_checkpoint_every=bad)
+    # A config saved before the field existed loads with the default.
+    old = MoaiMambaConfig(hidden_size=64).to_dict()
+    old.pop("scan_checkpoint_every")
+    assert MoaiMambaConfig.from_dict(old).scan_checkpoint_every == 0
+
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: the compiled Triton kernels (CPU runs use the interpreter)")
+
+
+@requires_cuda
+@pytest.mark.parametrize("segment_len", [0, None])
+def test_gpu_sparse_checkpoints_match_default(segment_len):
+    """B=1, D=512, N=16, L=4096, fp32, default launch shapes: checkpoint_every=256 against the default (unsplit and
+    split over L), on values, final state and every gradient; both against the reference."""
+    from moai_lib.kernels.reference import selective_scan_ref
+    from moai_lib.kernels.triton_scan import selective_scan_triton
+
+    inputs, grads, softplus = make_scan_inputs(1, 512, 16, 4096, torch.float32, {}, device="cuda")
+    ref = run_scan(selective_scan_ref, inputs, grads, softplus)
+    dense = run_scan(selective_scan_triton, inputs, grads, softplus, segment_len=segment_len)
+    sparse = run_scan(selective_scan_triton, inputs, grads, softplus, segment_len=segment_len,
+                      checkpoint_every=256)
+    vs_dense = {k: scaled_error(sparse[k], dense[k]) for k in ref}
+    vs_ref = {k: scaled_error(sparse[k], ref[k]) for k in ref}
+    assert max(vs_dense.values()) <= 1e-5, vs_dense
+    assert max(vs_ref.values()) <= 1e-4, vs_ref
+
+
+if __name__ == "__main__":
+    _subprocess_main()
