@@ -2,10 +2,11 @@
 final states and every gradient with groups of 2 and 4 backward chunks, L not a multiple of the group (a shorter
 last group and a partial last chunk), with and without an initial state, gate, D and bias, on channels-last views,
 through the unsplit and the segmented path; the saved checkpoints really shrink by checkpoint_every / block_l; the
-model-level switch reaches the kernel; and the validation of both settings.
+dispatch keyword reaches the kernel; and the validation of both settings.
 
-The kernels run under Triton's interpreter in a fresh process (as test_triton_scan_seg.py); the GPU test at the end
-compares checkpoint_every=256 with the default at a realistic shape.
+The kernels run under Triton's interpreter in a fresh process (as test_triton_scan_seg.py); the GPU tests at the end
+compare checkpoint_every=256 with the default at a realistic shape, and a model with `scan_checkpoint_every` with
+one without (same values and gradients, fewer bytes saved for the backward).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ CKPT_CASES = {
     # No initial state, gate, D, bias or softplus; L=23: 2 groups of 8 steps and a 7-step group (a partial chunk).
     "plain_L23_every8": (1, 4, 3, 23, 8, 0, dict(h0=False, z=False, D=False, bias=False, softplus=False), False),
     # Segmented: 2 segments of 24 steps + a 13-step tail segment, each with its own groups (SEG_CARRY, ADJOINT_ONLY).
-    "segmented_L61_seg24_every16": (2, 8, 4, 61, 16, 24, {}, True),
+    "segmented_L61_seg24_every16": (1, 8, 4, 61, 16, 24, {}, True),
     "segmented_L40_seg16_every8_no_h0": (1, 8, 4, 40, 8, 16, dict(h0=False), False),
 }
 
@@ -171,6 +172,40 @@ def test_gpu_sparse_checkpoints_match_default(segment_len):
     vs_ref = {k: scaled_error(sparse[k], ref[k]) for k in ref}
     assert max(vs_dense.values()) <= 1e-5, vs_dense
     assert max(vs_ref.values()) <= 1e-4, vs_ref
+
+
+@requires_cuda
+def test_gpu_model_scan_checkpoint_every():
+    """The model-level switch: a 2-layer model with scan_checkpoint_every=64 against the same weights without, on
+    logits and every parameter gradient, and the bytes autograd saves for the backward shrink by the checkpoints."""
+    from moai_lib.config import MoaiMambaConfig
+    from moai_lib.model.mamba import MoaiMambaForCausalLM
+
+    batch, length = 1, 1024
+    models, saved, outs = {}, {}, {}
+    for every in (0, 64):
+        config = MoaiMambaConfig(vocab_size=256, hidden_size=64, intermediate_size=0, num_hidden_layers=2,
+                                 kernel_backend="triton", scan_checkpoint_every=every)
+        torch.manual_seed(0)
+        models[every] = MoaiMambaForCausalLM(config).cuda()
+    ids = torch.randint(0, 256, (batch, length), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    for every, model in models.items():
+        nbytes = []
+
+        def pack(t, nbytes=nbytes):
+            nbytes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(ids).logits
+        logits.float().square().mean().backward()
+        saved[every] = sum(nbytes)
+        outs[every] = [logits.detach()] + [p.grad for p in model.parameters()]
+    for a, b in zip(outs[64], outs[0], strict=True):
+        assert scaled_error(a, b) <= 1e-4
+    config = models[0].config
+    per_layer = batch * config.d_inner * config.state_size * 4 * (length // 4 - length // 64)  # fp32 states
+    assert saved[0] - saved[64] >= 0.99 * config.num_hidden_layers * per_layer, (saved, per_layer)
 
 
 if __name__ == "__main__":
