@@ -2,8 +2,8 @@
 # Issue 5's whole GPU table in one device call (~10 min on the H200): validate, then time ours and the mamba-ssm
 # anchor in the same run. Run from the repository root through the device tool with carry [".whl"]:
 #   OUT=/tmp/out LIMIT=590 bash benchmarks/gpu_all.sh
-# .whl/ (git-ignored) holds the Python 3.12 wheels (../shared/device/wheels.sh: transformers stack, bitsandbytes,
-# torchao) and .whl/sdist/ the PyPI sdists of mamba-ssm 2.3.2.post1 and causal-conv1d 1.7.0.
+# .whl/ (git-ignored; `bash benchmarks/prepare_whl.sh` builds it here) holds the Python 3.12 wheels (transformers
+# stack, bitsandbytes, torchao) and .whl/sdist/ the PyPI sdists of mamba-ssm 2.3.2.post1 and causal-conv1d 1.7.0.
 #   0. Install the wheels; start building mamba-ssm and causal-conv1d from their sdists in the background
 #      (MAMBA_FORCE_BUILD=TRUE, only sm_90 code: ~5.5 min on 16 cores; the build never touches PYTHONPATH).
 #   1. GPU tests (every CUDA-only test of the kernels, model and quantization: they compare each fast path with its
