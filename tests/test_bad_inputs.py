@@ -41,6 +41,8 @@ CASES = [
     Case("unknown-preset", "config", ("model-info", "--config", "3b"), ("'3b'", "presets", "2b")),
     Case("config-invalid-value", "config", ("model-info", "--config", "bad_config.json"), ("state_size",)),
     Case("config-not-json", "config", ("model-info", "--config", "broken.json"), ("broken.json", "JSON")),
+    Case("config-scan-checkpoint-interval", "config", ("model-info", "--config", "bad_checkpointing.json"),
+         ("scan_checkpoint_every", "256")),
     # params
     Case("params-missing", "params", ("stage", "pretrain", "--params", "nope.yaml"), ("nope.yaml",)),
     Case("params-not-yaml", "params", ("stage", "pretrain", "--params", "broken.yaml"), ("broken.yaml",)),
@@ -129,6 +131,7 @@ def template(tmp_path_factory) -> Path:
         os.chdir(cwd)
     (root / "bad_config.json").write_text(json.dumps({"hidden_size": 64, "state_size": 0}))
     (root / "broken.json").write_text("{hidden_size: 64,")
+    (root / "bad_checkpointing.json").write_text(json.dumps({"hidden_size": 64, "scan_checkpoint_every": 100}))
     (root / "broken.yaml").write_text("pretrain: [unclosed\n")
     (root / "data" / "empty.jsonl").write_text("")
     (root / "data" / "latin1.jsonl").write_bytes('{"text": "caf\u00e9 cr\u00e8me"}\n'.encode("latin-1"))
