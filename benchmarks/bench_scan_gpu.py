@@ -60,6 +60,10 @@ BWD_SWEEP = [(16, 4, 1, 2), (32, 2, 1, 4), (8, 8, 1, 1), (16, 2, 1, 2), (8, 4, 1
 # For small B*D (batch 1) the defaults are narrow (few programs): narrower blocks and more warps per program.
 FWD_SWEEP_SMALL = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (16, 4, 2), (8, 8, 1)]
 BWD_SWEEP_SMALL = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (4, 2, 1), (16, 4, 2, 2)]
+# On the model's channels-last layout (`--sweep-channels-last`) a program's channels are its contiguous bytes per
+# time step: also wider blocks over more warps (the same registers per thread as the defaults).
+FWD_SWEEP_CL = [(32, 4, 1), (64, 4, 2), (128, 4, 4), (64, 8, 2), (64, 4, 1), (32, 8, 1)]
+BWD_SWEEP_CL = [(16, 4, 1, 2), (32, 4, 2, 2), (64, 4, 4, 2), (32, 4, 1, 4), (32, 2, 1, 4), (64, 2, 2, 4)]
 
 
 def channels_last(inputs: dict) -> dict:
@@ -232,6 +236,9 @@ def sweep(args) -> tuple[tuple, tuple, list]:
     best = {"fwd": (astuple(default_fwd), math.inf), "bwd": (astuple(default_bwd), math.inf)}
     small = args.batch * args.dim < 1024 * 16  # default_configs' narrow regime
     fwd_shapes, bwd_shapes = (FWD_SWEEP_SMALL, BWD_SWEEP_SMALL) if small else (FWD_SWEEP, BWD_SWEEP)
+    cl = args.sweep_channels_last
+    if cl and not small:
+        fwd_shapes, bwd_shapes = FWD_SWEEP_CL, BWD_SWEEP_CL
     for mode, shapes in (("fwd", fwd_shapes), ("bwd", bwd_shapes)):  # the defaults are always among the timed
         default = astuple(default_fwd if mode == "fwd" else default_bwd)
         if default not in shapes:
@@ -243,11 +250,12 @@ def sweep(args) -> tuple[tuple, tuple, list]:
             fn = lambda _kw=kw, **inp: selective_scan_triton(**inp, **_kw)  # noqa: E731
             default = astuple(default_fwd if mode == "fwd" else default_bwd)
             row = {"pass": mode, "config": shape, "default": tuple(shape) == default}
-            row["error"] = validate(f"triton {shape}", fn)
+            row["error"] = validate(CHANNELS_LAST if cl else f"triton {shape}", fn)
             if row["error"] is None:
                 try:
                     row["ms"] = measure(fn, args.batch, args.dim, args.dstate, length,
-                                        "fwd" if mode == "fwd" else "fwd+bwd", warmup=3, repeats=None)[0]
+                                        "fwd" if mode == "fwd" else "fwd+bwd", warmup=3, repeats=None,
+                                        layout_cl=cl)[0]
                     if row["ms"] < best[mode][1]:
                         best[mode] = (shape, row["ms"])
                 except Exception as exc:
@@ -278,6 +286,8 @@ def main() -> None:
     p.add_argument("--dstate", type=int, default=16)
     p.add_argument("--lengths", default="512,2048,8192,32768")
     p.add_argument("--sweep", action="store_true", help="time alternative launch shapes of ours first")
+    p.add_argument("--sweep-channels-last", action="store_true",
+                   help="with --sweep: sweep on the model's channels-last layout (and wider blocks)")
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="also time ours with sparse state checkpoints every this many steps (0: no)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scan_gpu.json"))

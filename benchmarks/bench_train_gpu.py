@@ -18,7 +18,11 @@ in the backward) is not counted: MFU counts useful work only.
 First it validates: the two models' losses on the same batch with the same weights agree (relative 2e-2 under
 autocast). Then it times `--steps` steps after `--warmup` (median, CUDA events) and records peak memory.
 
-    python benchmarks/bench_train_gpu.py [--presets 130m,370m,1b] [--batch 8] [--length 2048]
+With `--checkpoint-every K` a row 'ours (triton, checkpoint every K)' joins: the same model with
+`scan_checkpoint_every=K` (the scan saves its state every K steps instead of every 4: less memory, one more
+forward inside the backward).
+
+    python benchmarks/bench_train_gpu.py [--presets 130m,370m,1b] [--batch 8] [--length 2048] [--checkpoint-every 256]
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--tol", type=float, default=2e-2)
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also time ours with scan_checkpoint_every=K (sparse scan checkpoints: less memory)")
     p.add_argument("--out", default=os.path.join(RESULTS, "train_gpu.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -94,6 +100,14 @@ def main() -> None:
         n_params = sum(p.numel() for p in ours.parameters())  # tied weights counted once
         ids = torch.randint(0, config.vocab_size, (args.batch, args.length), device=device)
         models = {"ours (triton)": (ours, ours_loss)}
+        if args.checkpoint_every:
+            def sparse_loss(model, x, every=args.checkpoint_every):  # same model and weights, sparse checkpoints
+                model.config.scan_checkpoint_every = every
+                try:
+                    return ours_loss(model, x)
+                finally:
+                    model.config.scan_checkpoint_every = 0
+            models[f"ours (triton, checkpoint every {args.checkpoint_every})"] = (ours, sparse_loss)
         check = {}
         if isinstance(ms, str):
             check["mamba-ssm"] = ms

@@ -12,7 +12,7 @@
 #   3. Once it is installed: the scan, training, generation and block-vs-attention benchmarks, each with its
 #      mamba-ssm rows in the same process. A benchmark whose anchor failed to build still runs (its rows say so).
 # Each benchmark writes JSON into $OUT; `gpu_all_status.json` records every step's exit status and seconds.
-# CHECKPOINT_EVERY=256 adds the scan's sparse-checkpoint rows to the block and batch-1 scan benchmarks.
+# CHECKPOINT_EVERY=256 adds the scan's sparse-checkpoint rows to the training, block and batch-1 scan benchmarks.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 LIMIT=${LIMIT:-590}
@@ -87,7 +87,7 @@ $PY -c "import torch, mamba_ssm, selective_scan_cuda, causal_conv1d_cuda; print(
   || for log in "$BUILD"/*.log; do tail -n 5 "$log"; done
 step scan 60 $PY benchmarks/bench_scan_gpu.py --lengths "${SCAN_LENGTHS:-512,2048,8192,32768}" --out "$OUT/scan_gpu.json"
 step train 60 $PY benchmarks/bench_train_gpu.py --presets "${TRAIN_PRESETS:-130m,370m}" --steps 6 --warmup 2 \
-  --out "$OUT/train_gpu.json"
+  ${CHECKPOINT_EVERY:+--checkpoint-every $CHECKPOINT_EVERY} --out "$OUT/train_gpu.json"
 step generate 60 $PY benchmarks/bench_generate_gpu.py --out "$OUT/generate_gpu.json"
 step block 40 $PY benchmarks/bench_block_vs_attention.py ${CHECKPOINT_EVERY:+--checkpoint-every $CHECKPOINT_EVERY} \
   --out "$OUT/block_vs_attention.json"

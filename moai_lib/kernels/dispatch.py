@@ -149,10 +149,13 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     return_last_state=False, initial_state=None, backend: str = "auto", checkpoint_every: int = 0,
+    grad_in_place: bool = False,
 ):
     """Selective scan with the semantics of `reference.selective_scan_ref` (shapes documented there).
-    `checkpoint_every` (backend triton only; the others ignore it): save the backward's state checkpoints every
-    that many steps instead of every chunk (`triton_scan.ScanConfig.checkpoint_every`), less memory, slower."""
+    Backend triton only (the others ignore them): `checkpoint_every` saves the backward's state checkpoints every
+    that many steps instead of every chunk (`triton_scan.ScanConfig.checkpoint_every`), less memory, slower;
+    `grad_in_place` lets the backward write d(delta) over delta and du over the output's gradient (less memory;
+    only when the caller owns both, see `triton_scan.selective_scan_triton`)."""
     name = resolve_backend(backend, u.device)
     if name == "reference":
         fn = reference.selective_scan_ref
@@ -164,7 +167,8 @@ def selective_scan(
         from .triton_scan import selective_scan_triton
 
         return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                     initial_state, checkpoint_every=checkpoint_every)
+                                     initial_state, checkpoint_every=checkpoint_every,
+                                     grad_in_place=grad_in_place)
     else:
         if initial_state is not None:
             raise BackendUnavailableError(

@@ -91,6 +91,17 @@ N states) and a second read of u and delta (2s bytes, likely L2 hits: the group'
 backward issues ~3x the forward's instructions, so expect ~+30% backward time (~+20% forward + backward) at
 K=256; `benchmarks/bench_scan_gpu.py --checkpoint-every` measures it.
 
+In-place gradients (opt-in, `grad_in_place`; the mixer's default). The backward's outputs du, d(delta), dz are
+three (B, D, L) tensors allocated while its inputs u, delta, z, dout are all alive: at B=1, E=4096, L=32K 768 MiB
+of a block's peak. With `grad_in_place` d(delta) is written over delta and du over dout (the output's gradient),
+element for element: every program reads its (b, d, t) elements of delta and dout in a chunk's iteration before it
+stores that chunk's gradients to the same addresses (the stores depend on the loads through the reductions over
+N, which order any threads holding a replicated copy); no other program touches them (programs own disjoint
+channels, segments disjoint times), the sparse-checkpoint recompute reads only chunks the walk has not reached,
+and the segmented scan's adjoint-only pass ends before the launch that writes. Its cost is that delta and dout
+are gone after the backward: delta's version counter is bumped, so a second backward through the same graph
+raises torch's in-place error.
+
 Memory traffic napkin math, bytes per (b, d, t) element, s = bytes of the input dtype (2 for bf16):
 - forward: read u, delta, z + write y = 4s (8 B in bf16); B and C are (B, N, L), shared by the D channels:
   2*N*s/D per element (0.016 B at D=4096, N=16), negligible.
@@ -182,18 +193,23 @@ class ScanConfig:
 _MIN_PROGRAMS = 1024
 
 
-def default_configs(batch: int, dim: int, dstate: int = 16) -> tuple[ScanConfig, ScanConfig]:
+def default_configs(batch: int, dim: int, dstate: int = 16, channels_last: bool = False,
+                    inference: bool = False) -> tuple[ScanConfig, ScanConfig]:
     """(forward, backward) launch shapes for the H200. Chosen from static SASS counts (Triton 3.6, sm_90; see the
-    module docstring), not yet from timings: `benchmarks/bench_scan_gpu.py --sweep` times alternatives.
+    module docstring) and the sweeps of `benchmarks/bench_scan_gpu.py --sweep`.
     Narrower blocks for small batch*dim keep enough programs in flight. N <= 16: chunks of T = 64/N steps
     (T*N = 64 values per channel); N > 16: proportionally fewer channels per program, so that the freed lanes
-    take the extra states and each thread keeps at most 16."""
+    take the extra states and each thread keeps at most 16. One exception, measured: a forward without a
+    backward (`inference`) on channels-last inputs (the mixer's layout) in the wide regime takes chunks of 8 steps
+    at N=16, twice the loads in flight per thread on the strided time axis (B=8, D=4096, L=2K on the H200: 1.05
+    instead of 1.49 ms; BENCHMARKS.md section 1)."""
     n = max(2, triton.next_power_of_2(dstate))
     shrink = max(1, n // 16)
     block_l = 64 // min(n, 16)
     channels = batch * dim
     fwd_bd = next((bd for bd in (32, 16) if channels // bd >= _MIN_PROGRAMS), 8)
-    fwd = ScanConfig(max(1, fwd_bd // shrink), block_l)
+    long_chunks = channels_last and inference and fwd_bd == 32 and n == 16
+    fwd = ScanConfig(max(1, fwd_bd // shrink), 2 * block_l if long_chunks else block_l)
     if channels // 16 >= _MIN_PROGRAMS:
         bwd = ScanConfig(max(2, 16 // shrink), block_l, d_regs=2)
     else:
@@ -603,6 +619,29 @@ def empty_in_layout(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.
     return t.new_empty((batch, dim, length), dtype=dtype)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether a (B, X, L) tensor is dense in one of the two layouts `empty_in_layout` makes."""
+    return t.is_contiguous() or t.transpose(1, 2).is_contiguous()
+
+
+def grad_buffers(u: torch.Tensor, delta: torch.Tensor, dout: torch.Tensor, in_place: bool):
+    """(du, ddelta) for the backward: new tensors in their inputs' layouts, or with `in_place` ("In-place
+    gradients" in the module docstring) ddelta in delta's own memory and du in dout's, where they are dense (du in
+    dout's memory also needs u's dtype: a gradient has its input's dtype)."""
+    ddelta = delta if in_place and _dense(delta) else empty_in_layout(delta)
+    reuse_dout = (in_place and _dense(dout) and dout.dtype == u.dtype
+                  and dout.untyped_storage().data_ptr() != delta.untyped_storage().data_ptr())
+    return (dout if reuse_dout else empty_in_layout(u)), ddelta
+
+
+def mark_overwritten(delta: torch.Tensor, ddelta: torch.Tensor) -> None:
+    """After a backward that wrote ddelta over delta: bump delta's version counter, so that a second backward
+    through the same graph (retain_graph=True) fails with torch's "modified by an inplace operation" error
+    instead of reading a gradient as delta."""
+    if ddelta is delta:
+        torch.autograd.graph.increment_version(delta)
+
+
 def _zeros_in_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return empty_in_layout(t, dtype).zero_()
 
@@ -680,7 +719,7 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
     (B, X, L) gradient is dense in the layout of its input (`empty_in_layout`)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, fwd_cfg, bwd_cfg):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, fwd_cfg, bwd_cfg, grad_in_place):
         # u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,); h0: (B, D, N) or None.
         batch, dim, length = u.shape
         dstate = A.shape[1]
@@ -697,7 +736,7 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
                        bool(delta_softplus), fwd_cfg, bwd_cfg)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, states)
-            ctx.delta_softplus, ctx.bwd_cfg = bool(delta_softplus), bwd_cfg
+            ctx.delta_softplus, ctx.bwd_cfg, ctx.grad_in_place = bool(delta_softplus), bwd_cfg, grad_in_place
         return out, last
 
     @staticmethod
@@ -707,7 +746,7 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
         batch, dim, length = u.shape
         dstate = A.shape[1]
         dlast = dlast.float().contiguous()
-        du, ddelta = empty_in_layout(u), empty_in_layout(delta)
+        du, ddelta = grad_buffers(u, delta, dout, ctx.grad_in_place)
         dz = empty_in_layout(z) if z is not None else None
         # dB and dC share one layout (strides) in the kernel: B's.
         dB, dC = _zeros_in_layout(B, torch.float32), _zeros_in_layout(B, torch.float32)
@@ -718,12 +757,13 @@ class _SelectiveScanTritonFn(torch.autograd.Function):
         with _on_device(u):
             launch_bwd(u, delta, A.float().contiguous(), B, C, D, z, delta_bias, states, dout, dlast,
                        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0, ctx.delta_softplus, cfg)
+        mark_overwritten(delta, ddelta)
         return (
             du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else None, dz,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
             dh0.to(h0.dtype) if h0 is not None else None,
-            None, None, None,
+            None, None, None, None,
         )
 
 
@@ -744,6 +784,7 @@ def selective_scan_triton(
     bwd_config: ScanConfig | None = None,
     segment_len: int | None = None,
     checkpoint_every: int | None = None,
+    grad_in_place: bool = False,
 ):
     """Selective scan with exactly the semantics of `reference.selective_scan_ref`, as Triton kernels.
 
@@ -760,6 +801,10 @@ def selective_scan_triton(
     time for memory: the forward saves the state every that many steps instead of every backward chunk
     (`ScanConfig.checkpoint_every`; a power of two >= the backward's block_l, e.g. 256). Tensors must be on a
     CUDA GPU, or on the CPU with TRITON_INTERPRET=1 set before triton was first imported.
+    `grad_in_place` (memory): the backward writes d(delta) into delta's memory and du into the output gradient's
+    (module docstring, "In-place gradients"). Only for callers that own both: nothing reads delta after the scan,
+    and the output's gradient is a tensor nothing else reads (the mixer's case: delta is dt_proj's output, the
+    gradient comes from out_proj). A second backward through the graph then raises instead of reading garbage.
     """
     batch, dim, length = u.shape
     if A.dim() != 2 or A.shape[0] != dim or A.is_complex():
@@ -782,18 +827,21 @@ def selective_scan_triton(
         raise ValueError(f"segment_len must be an int >= 0 (0: do not split L), got {segment_len!r}")
     split = 0 < segment_len < length
     # Split: each launch scans batch x segments rows, and gets the launch shape of that many rows.
+    inference = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)))
     default_fwd, default_bwd = default_configs(batch * (triton.cdiv(length, segment_len) if split else 1), dim,
-                                               dstate)
+                                               dstate, channels_last=_channels_last(u), inference=inference)
     fwd_config, bwd_config = fwd_config or default_fwd, bwd_config or default_bwd
     if checkpoint_every is not None:
         bwd_config = dataclasses.replace(bwd_config, checkpoint_every=checkpoint_every)
     if split:
         out, last = triton_scan_seg._SegmentedScanFn.apply(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, fwd_config, bwd_config,
-            segment_len,
+            segment_len, grad_in_place,
         )
     else:
         out, last = _SelectiveScanTritonFn.apply(
             u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, fwd_config, bwd_config,
+            grad_in_place,
         )
     return (out, last) if return_last_state else out

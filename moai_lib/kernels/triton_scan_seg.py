@@ -92,7 +92,8 @@ class _SegmentedScanFn(torch.autograd.Function):
     outputs and gradients. Saves the inputs, the backward's checkpoints and the per-segment delta sums."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, fwd_cfg, bwd_cfg, seg_len):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus, fwd_cfg, bwd_cfg, seg_len,
+                grad_in_place):
         batch, dim, length = u.shape
         dstate = A.shape[1]
         D, delta_bias = (t.contiguous() if t is not None else None for t in (D, delta_bias))
@@ -129,20 +130,20 @@ class _SegmentedScanFn(torch.autograd.Function):
                 last[b].copy_(seg_last[-1])
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, dsum, *states)
-            ctx.cfg = (softplus, bwd_cfg, seg_len)
+            ctx.cfg = (softplus, bwd_cfg, seg_len, grad_in_place)
         return out, last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, h0, dsum, *states = ctx.saved_tensors
-        softplus, cfg, seg_len = ctx.cfg
+        softplus, cfg, seg_len, grad_in_place = ctx.cfg
         batch, dim, length = u.shape
         dstate = A.shape[1]
         split = _Split(length, seg_len)
         A32 = A.float().contiguous()
         f32 = dict(dtype=torch.float32, device=u.device)
         dlast = dlast.float().contiguous() if dlast is not None else None
-        du, ddelta = ts.empty_in_layout(u), ts.empty_in_layout(delta)
+        du, ddelta = ts.grad_buffers(u, delta, dout, grad_in_place)
         dz = ts.empty_in_layout(z) if z is not None else None
         dB, dC = ts._zeros_in_layout(B, torch.float32), ts._zeros_in_layout(B, torch.float32)
         # Per-segment partial sums of dA, dD, d(delta_bias), added up below.
@@ -171,10 +172,11 @@ class _SegmentedScanFn(torch.autograd.Function):
                                   dbias[b, sl] if delta_bias is not None else None,
                                   dh0[b, sl] if h0 is not None else None, softplus, cfg, carry=(dsum[b], part),
                                   seg_first=first, n_seg=split.n_seg, scratch=scratch)
+        ts.mark_overwritten(delta, ddelta)
         return (
             du, ddelta, dA.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.sum((0, 1)).to(D.dtype) if D is not None else None, dz,
             dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None,
             dh0[:, 0].to(h0.dtype) if h0 is not None else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )

@@ -158,6 +158,9 @@ class MambaMixer(nn.Module):
             # mamba-ssm's scan takes no initial state: continue a cached scan with the torch path instead.
             backend="torch" if continuing and backend == "mamba_ssm" else backend,
             checkpoint_every=self.config.scan_checkpoint_every,
+            # dt is dt_proj's output and y's gradient comes from out_proj: nothing else reads either, so the
+            # backward may write d(dt) and du over them (two fewer (B, E, L) tensors at its peak).
+            grad_in_place=True,
         )
         if cache is not None:
             y, last_state = scan

@@ -2,7 +2,8 @@
 final states and every gradient with groups of 2 and 4 backward chunks, L not a multiple of the group (a shorter
 last group and a partial last chunk), with and without an initial state, gate, D and bias, on channels-last views,
 through the unsplit and the segmented path; the saved checkpoints really shrink by checkpoint_every / block_l; the
-dispatch keyword reaches the kernel; and the validation of both settings.
+dispatch keyword reaches the kernel; and the validation of both settings. Also the in-place gradients
+(`grad_in_place`, the mixer's setting): same gradients, the memory really reused, a second backward refused.
 
 The kernels run under Triton's interpreter in a fresh process (as test_triton_scan_seg.py); the GPU tests at the end
 compare checkpoint_every=256 with the default at a realistic shape, and a model with `scan_checkpoint_every` with
@@ -89,12 +90,59 @@ def _saved_sizes() -> dict:
     return out
 
 
+# grad_in_place cases: (segment_len, checkpoint_every, channels_last) at B=1, D=8, N=4, L=40, block_l 4.
+IN_PLACE_CASES = {"unsplit_channels_last": (0, 0, True), "segmented_every8_channels_last": (16, 8, True),
+                  "unsplit_every16": (0, 16, False)}
+
+
+def run_in_place(inputs: dict, grads: dict, softplus: bool, **kwargs) -> dict:
+    """`run_scan` with grad_in_place=True, as the mixer calls it: delta is a tensor the scan owns (a product of
+    the leaf, as dt_proj's output) and y's gradient a fresh one. Also returns whether the backward really wrote
+    d(delta) over delta and du over y's gradient, and what a second backward through the graph does."""
+    from moai_lib.kernels.triton_scan import selective_scan_triton
+
+    leaf = inputs["delta"]
+    delta = leaf * 1.0
+    y, last = selective_scan_triton(**{**inputs, "delta": delta}, delta_softplus=softplus, return_last_state=True,
+                                    grad_in_place=True, **kwargs)
+    seen = {}
+    y.register_hook(lambda g: seen.setdefault("dout", g))
+    names = [k for k, v in inputs.items() if v is not None]
+    loss = (y * grads["y"]).sum() + (last * grads["last"]).sum()
+    dx = dict(zip(names, torch.autograd.grad(loss, [inputs[k] for k in names], retain_graph=True), strict=True))
+    try:
+        torch.autograd.grad(loss, [inputs["u"]])
+        second = "ran"
+    except RuntimeError as exc:
+        second = str(exc)
+    return {"grads": {"y": y, "last": last, **{f"d{k}": v for k, v in dx.items()}},
+            "delta_holds_ddelta": bool(torch.equal(delta.detach(), dx["delta"])),
+            "dout_holds_du": bool(torch.equal(seen["dout"], dx["u"])), "second_backward": second}
+
+
+def _in_place_case(case: str) -> dict:
+    from moai_lib.kernels.reference import selective_scan_ref
+    from moai_lib.kernels.triton_scan import ScanConfig
+
+    seg_len, every, cl = IN_PLACE_CASES[case]
+    inputs, grads, softplus = make_scan_inputs(1, 8, 4, 40, torch.float32, {})
+    ref = run_scan(selective_scan_ref, inputs, grads, softplus)
+    if cl:
+        inputs = _channels_last(inputs)
+    r = run_in_place(inputs, grads, softplus, fwd_config=ScanConfig(4, 4),
+                     bwd_config=ScanConfig(4, 4, d_regs=2, checkpoint_every=every), segment_len=seg_len)
+    ours = r.pop("grads")
+    r["errors"] = {k: scaled_error(ours[k], ref[k]) for k in ref}
+    return r
+
+
 def _subprocess_main() -> None:
     if os.environ.get("TRITON_INTERPRET") != "1" or "triton" in sys.modules:
         raise SystemExit("run with TRITON_INTERPRET=1 in a fresh process")
     _import_kernels_only()
     _vectorize_interpreter_scan()
-    print(json.dumps({"errors": {case: _case(case) for case in CKPT_CASES}, "saved": _saved_sizes()}))
+    print(json.dumps({"errors": {case: _case(case) for case in CKPT_CASES}, "saved": _saved_sizes(),
+                      "in_place": {case: _in_place_case(case) for case in IN_PLACE_CASES}}))
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +171,18 @@ def test_interpreted_checkpoints_shrink(interpreted):
     assert saved["seg32_every16"] == [[1, 2, 4, 2, 4]]
     assert saved["keyword_every32"] == [[1, 4, 2, 4]]
     assert saved["dispatch_every64"] == [[1, 4, 1, 4]]
+
+
+def test_interpreted_gradients_in_place(interpreted):
+    """grad_in_place (the mixer's setting): the same values and gradients as the reference, d(delta) really lands
+    in delta's memory and du in the output gradient's, and a second backward is refused by torch's version check."""
+    results = interpreted["in_place"]
+    assert set(results) == set(IN_PLACE_CASES)
+    for case, r in results.items():
+        bad = {k: v for k, v in r["errors"].items() if not v <= TOL["float32"]}
+        assert not bad, f"{case}: {bad}"
+        assert r["delta_holds_ddelta"] and r["dout_holds_du"], (case, r)
+        assert "modified by an inplace operation" in r["second_backward"], (case, r["second_backward"])
 
 
 def test_checkpoint_every_validation():
@@ -172,6 +232,28 @@ def test_gpu_sparse_checkpoints_match_default(segment_len):
     vs_ref = {k: scaled_error(sparse[k], ref[k]) for k in ref}
     assert max(vs_dense.values()) <= 1e-5, vs_dense
     assert max(vs_ref.values()) <= 1e-4, vs_ref
+
+
+@requires_cuda
+@pytest.mark.parametrize("segment_len,every", [(0, 0), (None, 256)])
+def test_gpu_gradients_in_place(segment_len, every):
+    """grad_in_place on the GPU, where programs and warps really run concurrently: B=1, D=4096, N=16, L=4096 bf16 on
+    channels-last views (the mixer's shapes and layout; split over L and sparse checkpoints in the second case):
+    bit for bit the gradients of the out-of-place backward (the same kernels, only the output addresses differ)."""
+    from moai_lib.kernels.triton_scan import selective_scan_triton
+
+    inputs, grads, softplus = make_scan_inputs(1, 4096, 16, 4096, torch.bfloat16, {}, device="cuda")
+    inputs = _channels_last(inputs)
+    kwargs = dict(segment_len=segment_len, checkpoint_every=every)
+    out_of_place = run_scan(selective_scan_triton, inputs, grads, softplus, **kwargs)
+    r = run_in_place(inputs, grads, softplus, **kwargs)
+    assert r["delta_holds_ddelta"] and r["dout_holds_du"]
+    for k, v in out_of_place.items():
+        if k in ("y", "last", "du", "ddelta", "dz", "dinitial_state"):
+            assert torch.equal(r["grads"][k], v), k
+        else:  # dA, dB, dC, dD, d(delta_bias): fp32 atomics, not bitwise deterministic; dB, dC are then rounded
+            # to B's and C's bf16, where a different summation order can flip an element by one ulp (2^-8)
+            assert scaled_error(r["grads"][k], v) <= 1e-2, (k, scaled_error(r["grads"][k], v))
 
 
 @requires_cuda
