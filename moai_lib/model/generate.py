@@ -130,7 +130,9 @@ class CudaGraphDecoder:
 
     Build it after the prefill, on a CUDA model and its `MoaiMambaCache`; the warm-up steps it runs before the
     capture are undone, so the cache is left as it was. Methods that replace the cache tensors (beam search's
-    `reorder_cache`) invalidate the graph.
+    `reorder_cache`) invalidate the graph. One capture serves every later prompt of the same batch size: `load`
+    copies a new prefill's states into the graph's cache (mamba-ssm's `generate(cg=True)` likewise keeps its
+    graph across calls); a capture costs tens of milliseconds, many decode steps.
     """
 
     def __init__(self, model, cache, warmup: int = 2):
@@ -158,6 +160,19 @@ class CudaGraphDecoder:
     def _step(self) -> torch.Tensor:
         return decode_logits(self.model, self.input_ids, self.cache)
 
+    def load(self, cache) -> None:
+        """Continue from `cache` (another prefill of the same model, same batch size) instead of the graph's own:
+        its conv and SSM states are copied into the tensors the graph reads, and its position is taken over."""
+        mine = self.cache.conv_states + self.cache.ssm_states
+        theirs = cache.conv_states + cache.ssm_states
+        if len(theirs) != len(mine) or any(a.shape != b.shape for a, b in zip(mine, theirs, strict=True)):
+            raise ValueError(
+                f"CudaGraphDecoder.load: the cache must come from the same model with batch size "
+                f"{self.cache.batch_size} (got batch {cache.batch_size}, {len(cache.ssm_states)} layers); "
+                f"capture a new CudaGraphDecoder for another batch size")
+        torch._foreach_copy_(mine, theirs)
+        self.cache.seqlen_offset = cache.seqlen_offset
+
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, 1) → next-token logits (B, V) fp32 (a static buffer); advances the cache by one."""
         self.input_ids.copy_(input_ids)
@@ -167,17 +182,23 @@ class CudaGraphDecoder:
 
 
 @torch.inference_mode()
-def greedy_decode(model, input_ids: torch.Tensor, max_new_tokens: int, *, cuda_graph: bool = False) -> torch.Tensor:
+def greedy_decode(model, input_ids: torch.Tensor, max_new_tokens: int, *,
+                  cuda_graph: bool | CudaGraphDecoder = False) -> torch.Tensor:
     """Greedy continuation of `input_ids` (B, L) (no padding): the new tokens (B, max_new_tokens).
 
     The prompt runs as one full-sequence forward (the prefill); each new token then runs the O(1) recurrent
-    step, eagerly or, with `cuda_graph=True`, as a replayed `CudaGraphDecoder` (same kernels, same tokens).
+    step, eagerly or, with `cuda_graph=True`, as a replayed `CudaGraphDecoder` captured for this call (same
+    kernels, same tokens). Passing a `CudaGraphDecoder` of this model and batch size reuses it (`load`): no
+    capture, as in a server decoding one prompt after another.
     """
     check_generation_args(max_new_tokens=max_new_tokens)
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
     cache = out.cache
     token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-    if cuda_graph:
+    if isinstance(cuda_graph, CudaGraphDecoder):
+        cuda_graph.load(cache)
+        step = cuda_graph
+    elif cuda_graph:
         step = CudaGraphDecoder(model, cache)
     else:
         def step(ids):

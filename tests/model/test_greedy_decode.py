@@ -34,6 +34,28 @@ def test_cuda_graph_decoder_needs_cuda():
         CudaGraphDecoder(model, cache)
 
 
+def test_cuda_graph_decoder_load_takes_over_a_prefill():
+    """`load` (what lets one captured graph serve the next prompt) copies every state of the new prefill into the
+    graph's own cache tensors, in place, and refuses a cache of another batch size. The graph itself needs CUDA
+    (test below); the copy is checked here on an instance whose cache is a CPU one."""
+    model = _model()
+    with torch.inference_mode():
+        own = model(input_ids=torch.zeros(2, 3, dtype=torch.long), use_cache=True).cache
+        new = model(input_ids=torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(3)),
+                    use_cache=True).cache
+        decoder = object.__new__(CudaGraphDecoder)
+        decoder.cache = own
+        addresses = [t.data_ptr() for t in own.conv_states + own.ssm_states]
+        decoder.load(new)
+        assert [t.data_ptr() for t in own.conv_states + own.ssm_states] == addresses  # the graph's tensors
+        for a, b in zip(own.conv_states + own.ssm_states, new.conv_states + new.ssm_states, strict=True):
+            assert torch.equal(a, b)
+        assert own.seqlen_offset == new.seqlen_offset == 5
+        other = model(input_ids=torch.zeros(3, 2, dtype=torch.long), use_cache=True).cache
+        with pytest.raises(ValueError, match="batch size 2"):
+            decoder.load(other)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_cuda_graph_decode_equals_eager(backend):
@@ -42,3 +64,9 @@ def test_cuda_graph_decode_equals_eager(backend):
     prompt = torch.randint(0, 512, (2, 9), device="cuda")
     eager = greedy_decode(model, prompt, 16)
     assert torch.equal(greedy_decode(model, prompt, 16, cuda_graph=True), eager)
+    # One captured decoder reused for another prompt of the same batch size (no new capture): its eager tokens.
+    with torch.inference_mode():
+        decoder = CudaGraphDecoder(model, model(input_ids=prompt, use_cache=True, logits_to_keep=1).cache)
+    other = torch.randint(0, 512, (2, 5), device="cuda")
+    assert torch.equal(greedy_decode(model, other, 16, cuda_graph=decoder), greedy_decode(model, other, 16))
+    assert torch.equal(greedy_decode(model, prompt, 16, cuda_graph=decoder), eager)
