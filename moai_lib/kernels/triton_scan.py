@@ -200,15 +200,15 @@ def default_configs(batch: int, dim: int, dstate: int = 16, channels_last: bool 
     Narrower blocks for small batch*dim keep enough programs in flight. N <= 16: chunks of T = 64/N steps
     (T*N = 64 values per channel); N > 16: proportionally fewer channels per program, so that the freed lanes
     take the extra states and each thread keeps at most 16. One exception, measured: a forward without a
-    backward (`inference`) on channels-last inputs (the mixer's layout) in the wide regime takes chunks of 8 steps
-    at N=16, twice the loads in flight per thread on the strided time axis (B=8, D=4096, L=2K on the H200: 1.05
-    instead of 1.49 ms; BENCHMARKS.md section 1)."""
+    backward (`inference`) on channels-last inputs (the mixer's layout) with 16 or 32 channels per program takes
+    chunks of 8 steps at N=16, twice the loads in flight per thread on the strided time axis (L=2K on the H200:
+    B=8, D=4096 1.05 instead of 1.49 ms; B=8, D=2048 0.90 instead of 1.18 ms; BENCHMARKS.md section 1)."""
     n = max(2, triton.next_power_of_2(dstate))
     shrink = max(1, n // 16)
     block_l = 64 // min(n, 16)
     channels = batch * dim
     fwd_bd = next((bd for bd in (32, 16) if channels // bd >= _MIN_PROGRAMS), 8)
-    long_chunks = channels_last and inference and fwd_bd == 32 and n == 16
+    long_chunks = channels_last and inference and fwd_bd >= 16 and n == 16
     fwd = ScanConfig(max(1, fwd_bd // shrink), 2 * block_l if long_chunks else block_l)
     if channels // 16 >= _MIN_PROGRAMS:
         bwd = ScanConfig(max(2, 16 // shrink), block_l, d_regs=2)
