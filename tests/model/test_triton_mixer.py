@@ -120,7 +120,8 @@ def _subprocess_main() -> None:
     # speed; the kernel tests cover narrow ones). Two programs per row of E = 128 channels.
     from moai_lib.kernels import triton_scan
 
-    triton_scan.default_configs = lambda *shape: (triton_scan.ScanConfig(64, 4), triton_scan.ScanConfig(64, 4, 1, 2))
+    wide = (triton_scan.ScanConfig(64, 4), triton_scan.ScanConfig(64, 4, 1, 2))
+    triton_scan.default_configs = lambda *shape, **layout: wide
     ids = torch.randint(0, 512, (2, 21), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(2, 21, dtype=torch.long)
     mask[0, :5] = 0  # left padding
