@@ -105,14 +105,13 @@ def contiguous_inputs(model) -> None:
 
 def step_read_bytes(model) -> int:
     """Bytes one decode step reads: every parameter and buffer except the embedding (one row is read); for INT4
-    layers on CUDA, the int4pack layout and its bf16 scales-and-offsets (what tinygemm reads) instead of the
-    released uint8 buffers."""
+    layers whose uint8 copy was released (CUDA), the layout that replaced it (`QuantizedLinear.read_tensors`)."""
     emb = model.backbone.embedding.weight
     seen, total = {emb.data_ptr()}, 0
     tensors = [*model.parameters()]
     for module in model.modules():
-        if isinstance(module, QuantizedLinear) and getattr(module, "_int4_only", False):
-            tensors += list(module._int4mm_cache[1:]) + ([module.bias] if module.bias is not None else [])
+        if isinstance(module, QuantizedLinear):
+            tensors += module.read_tensors()
         else:
             tensors += list(module.buffers(recurse=False))
     for t in tensors:

@@ -15,16 +15,19 @@ Napkin math: at decode (1 token) a linear reads its whole weight once, so time �
 (H200 copy ≈ 4 TB/s, shared/NOTES.md): in_proj is 33.6 MB in bf16 → ≥ 8.4 µs, 8.8 MB in INT4 g128 (nibbles +
 bf16 scales + zeros) → ≥ 2.2 µs. "GBps" = bytes read (the layout the kernel reads: tinygemm's int4pack and its
 bf16 scales-and-offsets once the uint8 copy is released) / time. On CUDA each variant is timed as a CUDA graph of
-20 calls, so launch overhead (a few µs per kernel, more than the INT4 floor) is excluded; on CPU with plain calls.
+20 calls, so launch overhead (a few µs per kernel, more than the INT4 floor) is excluded, cycling through copies of
+the weight that add up to ≥ 240 MB (4× the L2) so that every call reads from HBM as in a decode step (until the
+sixth session the same weight was called 20 times: layers under ~50 MB then ran from L2); on CPU with plain calls.
 
 `--sweep` (CUDA): the Triton GEMVs at 1 token over a grid of launch shapes (rows per program × columns per tile ×
-split-K × warps × INT4 nibble layout, and the default without its register prefetch) per layer, against the default
+split-K × warps, and the default without its register prefetch) per layer, against the default
 (`triton_gemv.default_config`); prints the best per layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
@@ -42,32 +45,41 @@ SHAPES = {"in_proj": (2048, 8192), "x_proj": (4096, 160), "out_proj": (4096, 204
           "fc2": (6144, 2048), "lm_head": (2048, 128000)}
 COPY_BANDWIDTH = {"cuda": 4.0e12}  # bytes/s, measured copy on the H200 (shared/NOTES.md)
 CALLS_PER_GRAPH = 20
+ROTATE_BYTES = 240_000_000  # 4× the H200's 60 MB L2
 SLOW = ("int4_g128_dequant", "fp8_emulated")  # reference variants: not on the LM head
 
 
 def read_bytes(module: nn.Module) -> int:
-    """Bytes one call reads: parameters and buffers, or for an INT4 layer whose uint8 copy was released (CUDA
-    "int4mm") the tinygemm layout and scales-and-offsets it reads instead."""
-    if isinstance(module, QuantizedLinear) and module._int4_only:
-        tensors = [*module._int4mm_cache[1:], *([module.bias] if module.bias is not None else [])]
+    """Bytes one call reads: parameters and buffers, or for an INT4 layer whose uint8 copy was released (CUDA)
+    the layout it reads instead (`QuantizedLinear.read_tensors`)."""
+    if isinstance(module, QuantizedLinear):
+        tensors = module.read_tensors()
     else:
         tensors = [*module.parameters(), *module.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def time_call(fn, x: torch.Tensor, device: str) -> float:
-    """Median seconds per call."""
+def copies_for(nbytes: int) -> int:
+    """Weight copies to cycle through so that one graph of calls reads ≥ ROTATE_BYTES (4× the H200's L2): each
+    call then streams its weight from HBM, as in a decode step, instead of finding it in L2."""
+    return max(1, min(CALLS_PER_GRAPH, -(-ROTATE_BYTES // nbytes)))
+
+
+def time_call(fns, x: torch.Tensor, device: str) -> float:
+    """Median seconds per call; `fns` is one callable or a list over distinct weight copies, called in turn."""
+    fns = fns if isinstance(fns, list) else [fns]
     if device == "cuda":
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn(x)  # warm-up: builds the int4mm layout, compiles the Triton kernels, before capture
+            for _ in range(2):
+                for fn in fns:
+                    fn(x)  # warm-up: builds the kernel layouts, compiles the Triton kernels, before capture
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for _ in range(CALLS_PER_GRAPH):
-                fn(x)
+            for i in range(CALLS_PER_GRAPH):
+                fns[i % len(fns)](x)
         samples = []
         for _ in range(7):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -77,6 +89,7 @@ def time_call(fn, x: torch.Tensor, device: str) -> float:
             torch.cuda.synchronize()
             samples.append(start.elapsed_time(end) / 1e3 / CALLS_PER_GRAPH)
         return statistics.median(samples)
+    fn = fns[0]
     fn(x)
     samples = []
     for _ in range(5):
@@ -108,35 +121,41 @@ def sweep(linear: nn.Linear, name: str, device: str = "cuda") -> list[dict]:
 
     k, n = linear.in_features, linear.out_features
     int4 = QuantizedLinear.from_float(linear, 4, 128, symmetric=False)
+    cols = G.Int4Columns.from_rows(int4.qweight, int4.scales, int4.zeros, 128)
     fp8 = Float8Linear.from_float(linear)
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    int4_bytes = sum(t.numel() * t.element_size() for t in cols.tensors())
+    int4_copies = [cols] + [G.Int4Columns(*(t.clone() for t in cols.tensors()), 128)
+                            for _ in range(copies_for(int4_bytes) - 1)]
+    fp8_copies = [fp8] + [copy.deepcopy(fp8) for _ in range(copies_for(read_bytes(fp8)) - 1)]
     kernels = {
-        "int4_g128_triton": (lambda v, c: G.int4_gemv(v, int4.qweight, int4.scales, int4.zeros, 128, None, c),
-                             read_bytes(int4), lambda v: G.int4_gemv_ref(v, int4.qweight, int4.scales, int4.zeros,
-                                                                         128)),
-        "fp8_triton": (lambda v, c: G.fp8_gemv(v, fp8.qweight, fp8.weight_scale, None, c), read_bytes(fp8),
-                       lambda v: G.fp8_gemv_ref(v, fp8.qweight, fp8.weight_scale)),
+        "int4_g128_triton": ([lambda v, c, w=w: G.int4_gemv(v, w, None, c) for w in int4_copies], int4_bytes,
+                             lambda v: G.int4_gemv_ref(v, int4.qweight, int4.scales, int4.zeros, 128)),
+        "fp8_triton": ([lambda v, c, f=f: G.fp8_gemv(v, f.qweight, f.weight_scale, None, c) for f in fp8_copies],
+                       read_bytes(fp8), lambda v: G.fp8_gemv_ref(v, fp8.qweight, fp8.weight_scale)),
     }
     rows = []
-    for kind, (fn, nbytes, ref_fn) in kernels.items():
+    for kind, (fns, nbytes, ref_fn) in kernels.items():
         ref = ref_fn(x)
         default = G.default_config("int4" if kind.startswith("int4") else "fp8", 1, n, k, x.device)
         configs = {default}
-        layouts = ("join", "planes") if kind.startswith("int4") else ("join",)  # FP8 has no nibble layout
-        shapes = [(bn, bk, 4) for bn, bk in itertools.product((8, 16, 32), (256, 512, 1024))]
-        shapes += [(16, 512, 8), (32, 512, 8), (32, 1024, 8)]  # 8 warps only for the larger tiles
-        for (block_n, block_k, warps), layout in itertools.product(shapes, layouts):
+        if kind.startswith("int4"):  # block_n output columns (16-byte vectors of 4) × block_k input columns
+            shapes = [(bn, bk, w) for bn, bk, w in itertools.product((32, 64, 128, 256), (128, 256, 512), (4, 8))
+                      if bn * bk // 8 >= 256 * w]  # at least 8 words per thread
+        else:  # block_n rows × block_k columns
+            shapes = [(bn, bk, 4) for bn, bk in itertools.product((8, 16, 32), (256, 512, 1024))]
+            shapes += [(16, 512, 8), (32, 512, 8), (32, 1024, 8)]  # 8 warps only for the larger tiles
+        for block_n, block_k, warps in shapes:
             split = G.split_k_for(n, k, block_n, block_k, x.device)  # the default rule for this tile
-            for s in sorted({1, split, 2 * split}):
-                configs.add(G.GemvConfig(block_n, block_k, s, warps, layout))
+            for s in sorted({max(1, split // 2), split, 2 * split}):
+                configs.add(G.GemvConfig(block_n, block_k, s, warps))
         configs.add(dataclasses.replace(default, prefetch=False))  # what the register prefetch buys
-        for cfg in sorted(configs, key=lambda c: (c.int4_layout, c.block_n, c.block_k, c.split_k, c.num_warps,
-                                                  c.prefetch)):
+        for cfg in sorted(configs, key=lambda c: (c.block_n, c.block_k, c.split_k, c.num_warps, c.prefetch)):
             if cfg.split_k > -(-k // cfg.block_k):
                 continue
             try:
-                quality = P.sqnr(ref, fn(x, cfg).float())  # validate each launch shape before timing it
-                seconds = time_call(lambda v, c=cfg, f=fn: f(v, c), x, device)
+                quality = P.sqnr(ref, fns[0](x, cfg).float())  # validate each launch shape before timing it
+                seconds = time_call([lambda v, c=cfg, f=f: f(v, c) for f in fns], x, device)
             except Exception as exc:  # a shape Triton cannot compile (registers, shared memory)
                 rows.append({"layer": name, "variant": kind, "config": cfg.__dict__, "error": str(exc)[:200]})
                 continue
@@ -168,8 +187,10 @@ def main() -> None:
                     x = torch.randn(m, k, device=args.device, dtype=torch.bfloat16)
                     ref = linear(x).float()
                     quality = P.sqnr(ref, module(x).float())  # validate before timing
-                    seconds = time_call(module, x, args.device)
                     nbytes = read_bytes(module)
+                    copies = [module] + [copy.deepcopy(module) for _ in range(copies_for(nbytes) - 1)]
+                    seconds = time_call(copies if args.device == "cuda" else module, x, args.device)
+                    nbytes = read_bytes(module)  # after the first call: the layout a released layer reads
                     row = {"layer": name, "shape": f"{k}x{n}", "variant": variant, "tokens": m,
                            "us": round(seconds * 1e6, 2), "sqnr_db": round(quality, 1),
                            "read_MB": round(nbytes / 1e6, 2), "GBps": round(nbytes / seconds / 1e9, 1)}

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, trigger_dependents
 from .reference import selective_state_update_ref
 from .triton_scan import _on_device, _softplus
 
@@ -69,10 +70,12 @@ def _ssm_step_kernel(
     dim, dstate, rank,
     s_state_b, s_state_d, s_state_n, s_x_b, s_x_d, s_xdbl_b, s_xdbl_c, s_w_d, s_w_r, s_A_d, s_A_n,
     s_z_b, s_z_d, s_out_b, s_out_d,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, TRIGGER: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # state: (B, D, N) fp32; x, z, out: (B, D); x_dbl: (B, R + 2N) = [dt_low; B; C]; W_dt: (D, R); A: (D, N).
+    if TRIGGER:  # the next kernel (out_proj's GEMV) may launch and start loading its weights (`kernels.pdl`)
+        gdc_launch_dependents()
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -115,9 +118,12 @@ def _conv_update_kernel(
     x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr,
     dim, width,
     s_x_b, s_x_d, s_state_b, s_state_d, s_state_w, s_w_d, s_w_w, s_bias, s_out_b, s_out_d,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, TRIGGER: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     # x, out: (B, D); state: (B, D, W-1); weight: (D, W); bias: (D,).
+    if TRIGGER:  # the next kernel (x_proj's GEMV) may launch and start loading its weights (`kernels.pdl`)
+        gdc_launch_dependents()
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_w = tl.arange(0, BLOCK_W)
@@ -208,7 +214,7 @@ def causal_conv1d_update_triton(
             dim, width,
             *x.stride(), *conv_state.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
             *out.stride(),
-            HAS_BIAS=bias is not None, SILU=activation is not None,
+            HAS_BIAS=bias is not None, SILU=activation is not None, TRIGGER=trigger_dependents(x.device, batch),
             BLOCK_D=_BLOCK_D, BLOCK_W=max(2, triton.next_power_of_2(width)), num_warps=4,
         )
     return out
@@ -271,7 +277,8 @@ def ssm_step_triton(
             *state.stride(), *x.stride(), *x_dbl.stride(), *dt_weight.stride(), *A.stride(),
             *(z.stride() if z is not None else zero2), *out.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
-            BLOCK_D=block_d, BLOCK_N=max(2, triton.next_power_of_2(dstate)),
-            BLOCK_R=max(2, triton.next_power_of_2(rank)), num_warps=4,
+            TRIGGER=trigger_dependents(x.device, batch), BLOCK_D=block_d,
+            BLOCK_N=max(2, triton.next_power_of_2(dstate)), BLOCK_R=max(2, triton.next_power_of_2(rank)),
+            num_warps=4,
         )
     return out

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, gdc_wait, launch_kwargs, pdl_capable
 from .triton_scan import _on_device
 
 GEMV_MAX_ROWS = 16  # rows of x (tokens) up to which the GEMV kernels apply; above, a dequantize + dense matmul
@@ -54,16 +55,14 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch shape. block_n: output rows per program; block_k: input columns per tile (a power of two; for INT4
-    a multiple or divisor of the group size); split_k: programs along K (> 1 adds the partial-sum kernel);
-    num_warps: warps per program; int4_layout: how the 8 nibbles of a word meet their x values (both exact);
-    prefetch: double-buffer the weight tiles in registers."""
+    """Launch shape. block_n: output columns per program; block_k: input columns per tile (a power of two; for
+    INT4 a multiple of the group size); split_k: programs along K (> 1: partial sums added by the last program
+    of each column block); num_warps: warps per program; prefetch: double-buffer the weight tiles in registers."""
 
-    block_n: int = 16
-    block_k: int = 512
+    block_n: int = 64
+    block_k: int = 256
     split_k: int = 1
     num_warps: int = 4
-    int4_layout: str = "join"  # INT4: "join" (nibbles interleaved in registers) or "planes" (x read at stride 8)
     prefetch: bool = True  # load tile k+1 before using tile k (Triton pipelines only loads that feed tl.dot)
 
 
@@ -74,12 +73,28 @@ def _sm_count(device: torch.device) -> int:
     return 132  # Triton's interpreter on the CPU: mirror an H200 so the same split-K choices are exercised
 
 
-def default_config(kind: str, m: int, n: int, k: int, device: torch.device) -> GemvConfig:
-    """Launch shape for `kind` ("int4" or "fp8") at x (m, k) → (m, n): tiles of 16 rows × 512 (INT4) or 256 (FP8)
-    columns (4 KiB of weight per program and iteration, 32 B per thread at 4 warps), split along K until there
-    are ~4 programs per SM (enough loads in flight per SM to cover HBM latency)."""
-    block_n = 16
-    block_k = min(512 if kind == "int4" else 256, max(32, triton.next_power_of_2(k)))
+def use_pdl(device: torch.device, pdl: bool) -> bool:
+    """Whether to launch a GEMV with programmatic dependent launch (`kernels.pdl`): asked for, and supported on
+    `device`. The launch may then begin while the previous kernel on the stream is still running: the GEMV loads
+    its first weight tile, then waits for that kernel (`gdc_wait`) before it reads x or writes anything. So the
+    weights must not have been written by a kernel still running: a layer asks for it only once an earlier call
+    has read its current weights."""
+    return bool(pdl) and pdl_capable(device)
+
+
+def default_config(kind: str, m: int, n: int, k: int, device: torch.device, group_size: int = 128) -> GemvConfig:
+    """Launch shape for `kind` ("int4" or "fp8") at x (m, k) → (m, n). INT4: 64 columns (32 for N ≤ 256) × 512
+    input columns per tile (16 KiB of words, 16-byte vectors along N), split along K until there are ~2 programs
+    per SM: within a few % of the best of a 20-shape sweep on each of the 2b preset's layers (H200, weights read
+    from HBM, BENCHMARKS.md). FP8: 16 rows × 256 columns, ~4 programs per SM."""
+    if kind == "int4":
+        if m == 1:
+            block_n, block_k = (64 if n > 256 else 32), max(group_size, min(512, triton.next_power_of_2(k)))
+        else:  # every row's partials stay in registers: tiles of one group × 32 columns (4 words per thread)
+            block_n, block_k = 32, group_size
+        return GemvConfig(block_n=block_n, block_k=block_k,
+                          split_k=split_k_for(n, k, block_n, block_k, device, per_sm=2), num_warps=4)
+    block_n, block_k = 16, min(256, max(32, triton.next_power_of_2(k)))
     return GemvConfig(block_n=block_n, block_k=block_k, split_k=split_k_for(n, k, block_n, block_k, device),
                       num_warps=4)
 
@@ -92,29 +107,7 @@ def split_k_for(n: int, k: int, block_n: int, block_k: int, device: torch.device
 
 
 # ---------------------------------------------------------------------------------------------------------
-# INT4
-
-
-@triton.jit
-def _nibble(words, SHIFT: tl.constexpr, a, b):
-    """(q − z)·s in fp32 for the nibble q at bit SHIFT of each int32 word, given a = 16·s and b = −(16 + z)·s.
-
-    q goes to the top of the fp32 mantissa of 1.0: f = 1 + q/16 exactly (a shift and one AND-OR), and
-    f·a + b = (16 + q)·s − (16 + z)·s = (q − z)·s. With bf16/fp16 scales every intermediate is exact in fp32
-    (≤ 16 significant bits), so this is bit for bit `primitives.dequantize`, with one FMA per weight."""
-    if SHIFT <= 19:
-        bits = words << (19 - SHIFT)
-    else:
-        bits = words >> (SHIFT - 19)
-    f = ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-    return f * a + b
-
-
-@triton.jit
-def _scale_terms(s, z):
-    """(a, b) = (16·s, −(16 + z)·s) (BLOCK_N, GPT, 1) fp32 from a tile's scales and zeros (BLOCK_N, GPT)."""
-    s = s.to(tl.float32)
-    return (16.0 * s)[:, :, None], (-(z.to(tl.float32) + 16.0) * s)[:, :, None]
+# Shared
 
 
 @triton.jit
@@ -127,229 +120,275 @@ def _load_x(ptrs, mask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-               GROUP: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr,
-               EVEN_K: tl.constexpr):
-    """The packed tile of columns kt·BLOCK_K : (kt+1)·BLOCK_K, as loaded: words (BLOCK_N, GPT, GS/8) int32, scales
-    and zeros (BLOCK_N, GPT) in their storage dtypes; GPT groups (or part of one) of GS columns; zeros where masked
-    (a row_mask of all False loads nothing)."""
-    g = tl.arange(0, GPT)
-    wi = tl.arange(0, GS // 8)
-    word = kt * (BLOCK_K // 8) + g[:, None] * (GS // 8) + wi[None, :]  # (GPT, GW) word index along the row
-    if EVEN_K:  # no column mask: a mask constant along the row keeps the loads 16-byte vectors
-        mask = row_mask[:, None, None]
+def _write_out(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, cols, col_mask, m_idx, M, N, pid_n, pid_k, n_splits, s_om,
+               HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """out[m, cols] = acc (BLOCK_M, BLOCK_N) (+ bias), or with split-K, without a second kernel: every program
+    stores its fp32 partial sums in `part` (n_splits, M, N); the last of a column block's programs to arrive (a
+    counter per block in `cnt`, zero between launches: it resets its own) adds them in split order, so the
+    result does not depend on the programs' timing."""
+    mask = (m_idx[:, None] < M) & col_mask[None, :]
+    if SPLIT:
+        offs = m_idx[:, None] * N + cols[None, :]
+        tl.store(part_ptr + pid_k * M * N + offs, acc, mask=mask)
+        tl.debug_barrier()  # all of this program's partials are written before its arrival is counted
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            acc = tl.zeros(acc.shape, dtype=tl.float32)
+            for sk in range(0, n_splits):
+                acc += tl.load(part_ptr + sk * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + m_idx[:, None] * s_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
     else:
-        mask = row_mask[:, None, None] & (word < K // 8)[None, :, :]
-    words = tl.load(w_ptr + rows[:, None, None] * s_wn + word[None, :, :], mask=mask, other=0)
-    grp = (kt * BLOCK_K + g * GS) // GROUP  # (GPT,)
-    gmask = row_mask[:, None] & (grp < n_groups)[None, :]
-    s = tl.load(s_ptr + rows[:, None] * s_sn + grp[None, :], mask=gmask, other=0.0)
-    z = tl.load(z_ptr + rows[:, None] * s_zn + grp[None, :], mask=gmask, other=0)
-    return words, s, z
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + m_idx[:, None] * s_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# INT4
 
 
 @triton.jit
-def _int4_tile(words, s, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dequantized tile (BLOCK_N, BLOCK_K) fp32 in column order from `_int4_load`'s words, scales and zeros."""
-    a, b = _scale_terms(s, z)
-    # Nibble i of word w is column 8w + i: join the eight (BLOCK_N, GPT, GW) planes so that the flattened
-    # (…, 2, 2, 2) index 4a + 2b + c is nibble 4a + 2b + c (the outermost join's operand is the last index).
-    lo = tl.join(tl.join(_nibble(words, 0, a, b), _nibble(words, 16, a, b)),
-                 tl.join(_nibble(words, 8, a, b), _nibble(words, 24, a, b)))
-    hi = tl.join(tl.join(_nibble(words, 4, a, b), _nibble(words, 20, a, b)),
-                 tl.join(_nibble(words, 12, a, b), _nibble(words, 28, a, b)))
-    return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+def _plane(words, SHIFT: tl.constexpr):
+    """f = 1 + q/16 in fp32 for the nibble q at bit SHIFT of each int32 word: q goes to the top four bits of the
+    mantissa of 1.0 (one shift and one AND-OR), exactly."""
+    if SHIFT <= 19:
+        bits = words << (19 - SHIFT)
+    else:
+        bits = words >> (SHIFT - 19)
+    return ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_words(w_ptr, s_ptr, z_ptr, cols, col_mask, kt, N, n_groups, GROUP: tl.constexpr, GPT: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """Tile kt (GPT groups of GROUP input columns) as loaded: words (GPT, GROUP/8, BLOCK_N) int32 of the
+    column-major word matrix (K/8, N), scales and zeros (GPT, BLOCK_N), the word rows (GPT, GROUP/8) and the
+    group mask (GPT,); zeros where masked."""
+    g = kt * GPT + tl.arange(0, GPT)
+    wr = g[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]
+    if EVEN_K:  # no group mask: the loads stay 16-byte vectors along N
+        gmask = g >= 0
+        wmask = col_mask[None, None, :]
+    else:
+        gmask = g < n_groups
+        wmask = col_mask[None, None, :] & gmask[:, None, None]
+    words = tl.load(w_ptr + wr[:, :, None] * N + cols[None, None, :], mask=wmask, other=0)
+    smask = gmask[:, None] & col_mask[None, :]
+    s = tl.load(s_ptr + g[:, None] * N + cols[None, :], mask=smask, other=0.0)
+    z = tl.load(z_ptr + g[:, None] * N + cols[None, :], mask=smask, other=0)
+    return words, s, z, wr, gmask
+
+
+@triton.jit
+def _int4_tile_dot(words, s, z, wr, gmask, x_ptr, M, s_xm, BLOCK_M: tl.constexpr):
+    """Σ over the tile's input columns of Ŵ·x for every row of x, as (BLOCK_M, GPT, GROUP/8, BLOCK_N) fp32 word
+    partials, with the group's scale applied after the dot product: per word, c = Σ_i f_i·x_i with
+    f_i = 1 + q_i/16 (`_plane`), and Σ_i (q_i − z)·s·x_i = 16s·c − (16 + z)·s·Σ_i x_i. Per weight: a shift and
+    an AND-OR, then one FMA per row of x; two FMAs per word and row. Rows of x past M read zeros."""
+    rows = tl.arange(0, BLOCK_M)[:, None, None]
+    xp = x_ptr + rows * s_xm + (wr * 8)[None, :, :]  # (BLOCK_M, GPT, GROUP/8): x of nibble 0 of each word row
+    m = (rows < M) & gmask[None, :, None]
+    x0 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+    x1 = tl.load(xp + 1, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + 2, mask=m, other=0.0).to(tl.float32)
+    x3 = tl.load(xp + 3, mask=m, other=0.0).to(tl.float32)
+    x4 = tl.load(xp + 4, mask=m, other=0.0).to(tl.float32)
+    x5 = tl.load(xp + 5, mask=m, other=0.0).to(tl.float32)
+    x6 = tl.load(xp + 6, mask=m, other=0.0).to(tl.float32)
+    x7 = tl.load(xp + 7, mask=m, other=0.0).to(tl.float32)
+    c = _plane(words, 0)[None] * x0[:, :, :, None]
+    c += _plane(words, 4)[None] * x1[:, :, :, None]
+    c += _plane(words, 8)[None] * x2[:, :, :, None]
+    c += _plane(words, 12)[None] * x3[:, :, :, None]
+    c += _plane(words, 16)[None] * x4[:, :, :, None]
+    c += _plane(words, 20)[None] * x5[:, :, :, None]
+    c += _plane(words, 24)[None] * x6[:, :, :, None]
+    c += _plane(words, 28)[None] * x7[:, :, :, None]
+    xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+    s = s.to(tl.float32)
+    a = (16.0 * s)[None, :, None, :]
+    b = (-(z.to(tl.float32) + 16.0) * s)[None, :, None, :]
+    return a * c + b * xs[:, :, :, None]
 
 
 @triton.jit
 def _int4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, n_groups, tiles_per_split, s_xm, s_wn, s_sn, s_zn, s_om, s_os,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, JOIN: tl.constexpr, EVEN_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, GPT: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, n_groups, tiles_per_split, n_splits, s_xm, s_om,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GPT: tl.constexpr,
 ):
-    # x: (M, K); w: (N, K/8) int32 words; s, z: (N, K/g); out: (M, N), or (SPLIT_K, M, N) fp32 partials.
+    # x: (M, K); w: (K/8, N) int32 words; s, z: (K/g, N); out: (M, N); part: (n_splits, M, N) fp32 scratch;
+    # cnt: (cdiv(N, BLOCK_N),) int32, zero between launches.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    cols = tl.arange(0, BLOCK_K)
-    m_idx = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # rows first: the layout of the tile's row sums
-    # (GPT, GW): the column of nibble 0 of each word in the tile (the "planes" layout reads x at +0..7 from it)
-    col8 = tl.arange(0, GPT)[:, None] * GS + 8 * tl.arange(0, GS // 8)[None, :]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
     first = pid_k * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
-    if PREFETCH:  # registers double-buffer the weight stream: tile kt+1 is in flight while tile kt is used
-        words, s, z = _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, first, K, n_groups, s_wn, s_sn, s_zn,
-                                 GROUP, BLOCK_K, GS, GPT, EVEN_K)
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(n_groups, GPT))
+    # Word partials per row of x, summed across threads once at the end (each thread holds every row's partials
+    # for its words: the weights are dequantized once for all rows).
+    acc = tl.zeros((BLOCK_M, GPT, GROUP // 8, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:
+        words, s, z, wr, gmask = _int4_words(w_ptr, s_ptr, z_ptr, cols, col_mask, first, N, n_groups,
+                                             GROUP, GPT, EVEN_K)
+    if PDL:  # the first tile's weights are in flight; x and every store come after the previous kernel
+        gdc_wait()
+        gdc_launch_dependents()
     for kt in range(first, last):
-        if PREFETCH:
-            next_mask = rows < tl.where(kt + 1 < last, N, 0)  # past the split's last tile: load nothing
-            next_words, next_s, next_z = _int4_load(w_ptr, s_ptr, z_ptr, rows, next_mask, kt + 1, K, n_groups,
-                                                    s_wn, s_sn, s_zn, GROUP, BLOCK_K, GS, GPT, EVEN_K)
+        if PREFETCH:  # registers double-buffer the weight stream: tile kt+1 is in flight while tile kt is used
+            next_mask = cols < tl.where(kt + 1 < last, N, 0)  # past the split's last tile: load nothing
+            nwords, ns, nz, nwr, ngmask = _int4_words(w_ptr, s_ptr, z_ptr, cols, next_mask, kt + 1, N, n_groups,
+                                                      GROUP, GPT, EVEN_K)
         else:
-            words, s, z = _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                                     GROUP, BLOCK_K, GS, GPT, EVEN_K)
-        if JOIN:  # dequantize into column order, read x contiguously
-            w = _int4_tile(words, s, z, BLOCK_N, BLOCK_K)
-            k = kt * BLOCK_K + cols
-            for m in tl.static_range(BLOCK_M):
-                # Rows of the power-of-two BLOCK_M beyond M re-read row M − 1; the store drops them.
-                x = _load_x(x_ptr + tl.minimum(m, M - 1) * s_xm + k, k < K, EVEN_K)
-                part = tl.sum(w * x[None, :], axis=1)  # (BLOCK_N,)
-                acc += tl.where(m_idx[None, :] == m, part[:, None], 0.0)
-        else:  # eight nibble planes, each against x at stride 8 (no in-register interleave)
-            a, b = _scale_terms(s, z)
-            p0 = _nibble(words, 0, a, b)
-            p1 = _nibble(words, 4, a, b)
-            p2 = _nibble(words, 8, a, b)
-            p3 = _nibble(words, 12, a, b)
-            p4 = _nibble(words, 16, a, b)
-            p5 = _nibble(words, 20, a, b)
-            p6 = _nibble(words, 24, a, b)
-            p7 = _nibble(words, 28, a, b)
-            k = kt * BLOCK_K + col8
-            for m in tl.static_range(BLOCK_M):
-                xp = x_ptr + tl.minimum(m, M - 1) * s_xm + k
-                msk = k < K
-                prod = p0 * _load_x(xp, msk, EVEN_K)[None]
-                prod += p1 * _load_x(xp + 1, msk, EVEN_K)[None]
-                prod += p2 * _load_x(xp + 2, msk, EVEN_K)[None]
-                prod += p3 * _load_x(xp + 3, msk, EVEN_K)[None]
-                prod += p4 * _load_x(xp + 4, msk, EVEN_K)[None]
-                prod += p5 * _load_x(xp + 5, msk, EVEN_K)[None]
-                prod += p6 * _load_x(xp + 6, msk, EVEN_K)[None]
-                prod += p7 * _load_x(xp + 7, msk, EVEN_K)[None]
-                part = tl.sum(tl.sum(prod, axis=2), axis=1)
-                acc += tl.where(m_idx[None, :] == m, part[:, None], 0.0)
+            words, s, z, wr, gmask = _int4_words(w_ptr, s_ptr, z_ptr, cols, col_mask, kt, N, n_groups,
+                                                 GROUP, GPT, EVEN_K)
+        acc += _int4_tile_dot(words, s, z, wr, gmask, x_ptr, M, s_xm, BLOCK_M)
         if PREFETCH:
-            words, s, z = next_words, next_s, next_z
-    _store(acc, b_ptr, out_ptr, rows, row_mask, m_idx, M, pid_k, s_om, s_os, HAS_BIAS, PARTIAL)
+            words, s, z, wr, gmask = nwords, ns, nz, nwr, ngmask
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_M, BLOCK_N)
+    _write_out(out, b_ptr, out_ptr, part_ptr, cnt_ptr, cols, col_mask, tl.arange(0, BLOCK_M), M, N, pid_n, pid_k,
+               n_splits, s_om, HAS_BIAS, SPLIT)
 
 
 @triton.jit
-def _store(acc, b_ptr, out_ptr, rows, row_mask, m_idx, M, pid_k, s_om, s_os,
-           HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
-    # acc: (BLOCK_N, BLOCK_M) → out[m, rows] (or the split's partials).
-    mask = row_mask[:, None] & (m_idx[None, :] < M)
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * s_os + m_idx[None, :] * s_om + rows[:, None], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + m_idx[None, :] * s_om + rows[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, n_groups,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPT: tl.constexpr, EVEN_K: tl.constexpr):
+    # out: Ŵᵀ (K, N), row 8·w + i from nibble i of word row w.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    words, s, z, wr, gmask = _int4_words(w_ptr, s_ptr, z_ptr, cols, col_mask, tl.program_id(1), N, n_groups,
+                                         GROUP, GPT, EVEN_K)
+    s = s.to(tl.float32)
+    a = (16.0 * s)[:, None, :]
+    b = (-(z.to(tl.float32) + 16.0) * s)[:, None, :]
+    op = out_ptr + (wr * 8)[:, :, None] * N + cols[None, None, :]
+    mask = gmask[:, None, None] & col_mask[None, None, :]
+    ty = out_ptr.dtype.element_ty
+    # f·16s − (16 + z)·s = (q − z)·s, exact in fp32 for bf16/fp16 scales (as `primitives.dequantize`)
+    tl.store(op, (_plane(words, 0) * a + b).to(ty), mask=mask)
+    tl.store(op + N, (_plane(words, 4) * a + b).to(ty), mask=mask)
+    tl.store(op + 2 * N, (_plane(words, 8) * a + b).to(ty), mask=mask)
+    tl.store(op + 3 * N, (_plane(words, 12) * a + b).to(ty), mask=mask)
+    tl.store(op + 4 * N, (_plane(words, 16) * a + b).to(ty), mask=mask)
+    tl.store(op + 5 * N, (_plane(words, 20) * a + b).to(ty), mask=mask)
+    tl.store(op + 6 * N, (_plane(words, 24) * a + b).to(ty), mask=mask)
+    tl.store(op + 7 * N, (_plane(words, 28) * a + b).to(ty), mask=mask)
 
 
-@triton.jit
-def _split_k_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    # part: (SPLIT_K, M, N) fp32 contiguous; out: (M, N) contiguous.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+@dataclass(frozen=True)
+class Int4Columns:
+    """An INT4 layer in the GEMV's layout, column-major: `words` (K/8, N) int32 (word w of column n holds the
+    nibbles of input columns 8w..8w+7, nibble i = column 8w + i, as in `qweight`'s bytes), `scales` (K/g, N)
+    and `zeros` (K/g, N) uint8. A program's tile is then 16-byte vectors along N, and every x value it loads
+    serves all the columns of the vector. Exactly the integers of `qweight` (`to_rows` inverts it)."""
+
+    words: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+
+    @classmethod
+    def from_rows(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  group_size: int) -> Int4Columns:
+        """From the stored layout: qweight (N, K/2) uint8 (byte j = q[2j] | q[2j+1] << 4), scales/zeros (N, K/g)."""
+        n, half_k = qweight.shape
+        k = 2 * half_k
+        if qweight.dtype != torch.uint8 or group_size not in INT4_GROUP_SIZES or k % group_size:
+            raise ValueError(f"int4 GEMV: needs uint8 (N, K/2) packed weights and a group size in "
+                             f"{INT4_GROUP_SIZES} dividing K; got {qweight.dtype} {tuple(qweight.shape)}, "
+                             f"group_size={group_size}")
+        if scales.shape != (n, k // group_size) or zeros.shape != scales.shape:
+            raise ValueError(f"int4 GEMV: scales/zeros must be (N, K/g) = {(n, k // group_size)}, got "
+                             f"{tuple(scales.shape)} / {tuple(zeros.shape)}")
+        return cls(qweight.contiguous().view(torch.int32).T.contiguous(), scales.T.contiguous(),
+                   zeros.T.contiguous(), group_size)
+
+    def to_rows(self) -> torch.Tensor:
+        """qweight (N, K/2) uint8, exactly."""
+        return self.words.T.contiguous().view(torch.uint8)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K) of the weight."""
+        return self.words.shape[1], 8 * self.words.shape[0]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.words, self.scales, self.zeros
 
 
-@triton.jit
-def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_groups, s_wn, s_sn, s_zn, s_on,
-                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr,
-                         GPT: tl.constexpr, EVEN_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    kt = tl.program_id(1)
-    words, s, z = _int4_load(w_ptr, s_ptr, z_ptr, rows, row_mask, kt, K, n_groups, s_wn, s_sn, s_zn,
-                             GROUP, BLOCK_K, GS, GPT, EVEN_K)
-    w = _int4_tile(words, s, z, BLOCK_N, BLOCK_K)
-    k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * s_on + k[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & (k < K)[None, :])
+MAX_COLUMN_BLOCKS = 1 << 16
 
 
-def _check_int4(qweight, scales, zeros, group_size: int, block_k: int, layout: str = "join") -> tuple[int, int]:
-    n, half_k = qweight.shape
-    k = 2 * half_k
-    if qweight.dtype != torch.uint8 or group_size not in INT4_GROUP_SIZES or k % group_size:
-        raise ValueError(f"int4 GEMV: needs uint8 (N, K/2) packed weights and a group size in {INT4_GROUP_SIZES} "
-                         f"dividing K; got {qweight.dtype} {tuple(qweight.shape)}, group_size={group_size}")
-    if scales.shape != (n, k // group_size) or zeros.shape != scales.shape:
-        raise ValueError(f"int4 GEMV: scales/zeros must be (N, K/g) = {(n, k // group_size)}, got "
-                         f"{tuple(scales.shape)} / {tuple(zeros.shape)}")
-    if block_k & (block_k - 1) or block_k < 8 or layout not in ("join", "planes"):
-        raise ValueError(f"int4 GEMV: block_k must be a power of two ≥ 8 and the layout 'join' or 'planes', got "
-                         f"{block_k}, {layout!r}")
-    return n, k
+@functools.cache
+def _counter_buffer(device: torch.device) -> torch.Tensor:
+    return torch.zeros(MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
 
 
-def _words(qweight: torch.Tensor) -> torch.Tensor:
-    """(N, K/2) uint8 → (N, K/8) int32 view (little-endian: nibble i of word w is column 8w + i)."""
-    return qweight.contiguous().view(torch.int32)
+def _counters(device: torch.device, n_blocks: int) -> torch.Tensor:
+    """Split-K arrival counters, one per column block (zero between launches: the last program of a block resets
+    its own). One buffer per device, shared by launches on one stream (they run one after another, as in a
+    decode step); GEMVs running concurrently on several streams of one device would need one buffer each."""
+    if n_blocks > MAX_COLUMN_BLOCKS:
+        raise ValueError(f"GEMV: {n_blocks} column blocks exceed the {MAX_COLUMN_BLOCKS} split-K counters; use a "
+                         f"larger block_n")
+    return _counter_buffer(device)
 
 
-def _finish(partial: torch.Tensor | None, out: torch.Tensor, bias: torch.Tensor | None, split_k: int) -> None:
-    if partial is None:
-        return
-    mn, n = out.numel(), out.shape[1]
-    block = 1024
-    _split_k_sum_kernel[(triton.cdiv(mn, block),)](
-        partial, bias if bias is not None else out, out, mn, n,
-        SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
-
-
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-              bias: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
-    """y = x · Ŵᵀ + bias, Ŵ = (q − z)·s: x (M, K) with M ≤ GEMV_MAX_ROWS, qweight (N, K/2) uint8, scales
-    (N, K/g), zeros (N, K/g) uint8, bias (N,) or None → y (M, N) in x's dtype (fp32 accumulation)."""
+def int4_gemv(x: torch.Tensor, w: Int4Columns, bias: torch.Tensor | None = None,
+              config: GemvConfig | None = None, pdl: bool = False) -> torch.Tensor:
+    """y = x · Ŵᵀ + bias, Ŵ = (q − z)·s: x (M, K) with M ≤ GEMV_MAX_ROWS, `w` the layer in `Int4Columns`, bias
+    (N,) or None → y (M, N) in x's dtype (fp32 accumulation). pdl: see `use_pdl`."""
+    n, k = w.shape
     m = x.shape[0]
-    cfg = config or default_config("int4", m, qweight.shape[0], 2 * qweight.shape[1], x.device)
-    n, k = _check_int4(qweight, scales, zeros, group_size, cfg.block_k, cfg.int4_layout)
     if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= GEMV_MAX_ROWS:
         raise ValueError(f"int4 GEMV: x must be (M ≤ {GEMV_MAX_ROWS}, {k}), got {tuple(x.shape)}")
+    cfg = config or default_config("int4", m, n, k, x.device, w.group_size)
+    group = w.group_size
+    if cfg.block_k % group or cfg.block_k & (cfg.block_k - 1):
+        raise ValueError(f"int4 GEMV: block_k must be a power-of-two multiple of the group size {group}, got "
+                         f"{cfg.block_k}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    gs = min(group_size, cfg.block_k)
-    k_tiles = triton.cdiv(k, cfg.block_k)
+    gpt = cfg.block_k // group
+    n_groups = k // group
+    k_tiles = triton.cdiv(n_groups, gpt)
     tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
     split_k = triton.cdiv(k_tiles, tiles_per_split)
+    n_blocks = triton.cdiv(n, cfg.block_n)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    partial = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32) if split_k > 1 else None
-    target = partial if partial is not None else out
+    part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32) if split_k > 1 else out
+    pdl = use_pdl(x.device, pdl)
     with _on_device(x):
-        _int4_gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
-            x, _words(qweight), scales, zeros, bias if bias is not None else out, target,
-            m, n, k, k // group_size, tiles_per_split, x.stride(0), k // 8, scales.stride(0), zeros.stride(0),
-            n, m * n,
-            GROUP=group_size, HAS_BIAS=bias is not None and partial is None, PARTIAL=partial is not None,
-            JOIN=cfg.int4_layout == "join", EVEN_K=k % cfg.block_k == 0, PREFETCH=cfg.prefetch,
-            BLOCK_M=triton.next_power_of_2(m),
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GS=gs, GPT=cfg.block_k // gs, num_warps=cfg.num_warps)
-        _finish(partial, out, bias, split_k)
+        _int4_gemv_kernel[(n_blocks, split_k)](
+            x, *w.tensors(), bias if bias is not None else out, out, part, _counters(x.device, n_blocks),
+            m, n, n_groups, tiles_per_split, split_k, x.stride(0), n,
+            GROUP=group, HAS_BIAS=bias is not None, SPLIT=split_k > 1, EVEN_K=n_groups % gpt == 0,
+            PREFETCH=cfg.prefetch, PDL=pdl, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, GPT=gpt,
+            num_warps=cfg.num_warps, **launch_kwargs(pdl))
     return out
 
 
-def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """Ŵ (N, K) in `dtype`, computed in fp32 exactly as `primitives.dequantize`, in one kernel (prefill-sized
-    inputs then run a dense matmul: tinygemm's layout is not kept alongside ours)."""
-    block_n, block_k = 32, 128
-    n, k = _check_int4(qweight, scales, zeros, group_size, block_k)
-    gs = min(group_size, block_k)
-    out = torch.empty(n, k, device=qweight.device, dtype=dtype)
-    with _on_device(qweight):
-        _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-            _words(qweight), scales, zeros, out, n, k, k // group_size, k // 8, scales.stride(0), zeros.stride(0),
-            k, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, GS=gs, GPT=block_k // gs, EVEN_K=k % block_k == 0,
-            num_warps=4)
+def int4_dequantize_t(w: Int4Columns, dtype: torch.dtype) -> torch.Tensor:
+    """Ŵᵀ (K, N) in `dtype`, computed in fp32 exactly as `primitives.dequantize`, in one kernel (prefill-sized
+    inputs then run a dense matmul x · Ŵᵀ)."""
+    n, k = w.shape
+    block_n = 64
+    gpt = max(1, 128 // w.group_size)
+    n_groups = k // w.group_size
+    out = torch.empty(k, n, device=w.words.device, dtype=dtype)
+    with _on_device(w.words):
+        _int4_dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(n_groups, gpt))](
+            *w.tensors(), out, n, n_groups, GROUP=w.group_size, BLOCK_N=block_n, GPT=gpt,
+            EVEN_K=n_groups % gpt == 0, num_warps=4)
     return out
 
 
 def int4_gemv_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The spec: fp32 matmul with the `primitives.dequantize` weight, fp32 result."""
+    """The spec: fp32 matmul with the `primitives.dequantize` weight (stored row layout), fp32 result."""
     lo, hi = qweight & 0x0F, qweight >> 4
     q = torch.stack((lo, hi), dim=-1).reshape(qweight.shape[0], -1).float()
     n, k = q.shape
@@ -375,12 +414,12 @@ def _fp8_load(w_ptr, rows, row_mask, kt, K, s_wn, BLOCK_K: tl.constexpr, EVEN_K:
 
 @triton.jit
 def _fp8_gemv_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr,
-    M, N, K, tiles_per_split, s_xm, s_wn, s_om, s_os,
-    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+    x_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
+    M, N, K, tiles_per_split, n_splits, s_xm, s_wn, s_om,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # x: (M, K); w: (N, K) uint8 E4M3 bits; ws: (N,) fp32 row scales; out as in the INT4 kernel.
+    # x: (M, K); w: (N, K) uint8 E4M3 bits; ws: (N,) fp32 row scales; out, part, cnt as in the INT4 kernel.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -392,6 +431,9 @@ def _fp8_gemv_kernel(
     last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
     if PREFETCH:
         bits = _fp8_load(w_ptr, rows, row_mask, first, K, s_wn, BLOCK_K, EVEN_K)
+    if PDL:  # as in the INT4 kernel
+        gdc_wait()
+        gdc_launch_dependents()
     for kt in range(first, last):
         if PREFETCH:
             next_mask = rows < tl.where(kt + 1 < last, N, 0)
@@ -408,11 +450,12 @@ def _fp8_gemv_kernel(
             bits = next_bits
     # The row scale is applied once per output (scale · Σ e4m3·x), including to split-K partials (linear).
     acc *= tl.load(ws_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    _store(acc, b_ptr, out_ptr, rows, row_mask, m_idx, M, pid_k, s_om, s_os, HAS_BIAS, PARTIAL)
+    _write_out(tl.trans(acc), b_ptr, out_ptr, part_ptr, cnt_ptr, rows, row_mask, m_idx, M, N, pid_n, pid_k, n_splits,
+               s_om, HAS_BIAS, SPLIT)
 
 
 def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-             config: GemvConfig | None = None) -> torch.Tensor:
+             config: GemvConfig | None = None, pdl: bool = False) -> torch.Tensor:
     """y = x · (e4m3(qweight) · weight_scale)ᵀ + bias: x (M, K) with M ≤ GEMV_MAX_ROWS, qweight (N, K) uint8 E4M3
     bits, weight_scale (N, 1) or (N,) fp32, bias (N,) or None → y (M, N) in x's dtype (fp32 accumulation)."""
     n, k = qweight.shape
@@ -429,16 +472,17 @@ def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
     tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
     split_k = triton.cdiv(k_tiles, tiles_per_split)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    partial = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32) if split_k > 1 else None
+    part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32) if split_k > 1 else out
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    pdl = use_pdl(x.device, pdl)
     with _on_device(x):
-        _fp8_gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
-            x, qweight, weight_scale.reshape(n).float(), bias if bias is not None else out,
-            partial if partial is not None else out,
-            m, n, k, tiles_per_split, x.stride(0), k, n, m * n,
-            HAS_BIAS=bias is not None and partial is None, PARTIAL=partial is not None, EVEN_K=k % cfg.block_k == 0,
-            PREFETCH=cfg.prefetch, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps)
-        _finish(partial, out, bias, split_k)
+        _fp8_gemv_kernel[(n_blocks, split_k)](
+            x, qweight, weight_scale.reshape(n).float(), bias if bias is not None else out, out, part,
+            _counters(x.device, n_blocks),
+            m, n, k, tiles_per_split, split_k, x.stride(0), k, n,
+            HAS_BIAS=bias is not None, SPLIT=split_k > 1, EVEN_K=k % cfg.block_k == 0,
+            PREFETCH=cfg.prefetch, PDL=pdl, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, **launch_kwargs(pdl))
     return out
 
 

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, trigger_dependents
 from .triton_scan import _on_device
 
 _MAX_COLS = 16384
@@ -43,8 +44,11 @@ def silu_mul_ref(h: torch.Tensor) -> torch.Tensor:
 def _add_rms_norm_fwd_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, rstd_ptr,
     n_cols, eps, s_x, s_res, s_out, s_res_out,
-    HAS_X: tl.constexpr, STORE_RES: tl.constexpr, STORE_RSTD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_X: tl.constexpr, STORE_RES: tl.constexpr, STORE_RSTD: tl.constexpr, TRIGGER: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    if TRIGGER:  # decode: the next kernel (a GEMV) may launch and start loading its weights (`kernels.pdl`)
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -91,7 +95,9 @@ def _add_rms_norm_bwd_kernel(
 
 
 @triton.jit
-def _silu_mul_kernel(h_ptr, out_ptr, n_cols, s_h, s_out, BLOCK: tl.constexpr):
+def _silu_mul_kernel(h_ptr, out_ptr, n_cols, s_h, s_out, TRIGGER: tl.constexpr, BLOCK: tl.constexpr):
+    if TRIGGER:  # as in the norm
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -125,7 +131,8 @@ def _add_rms_norm_fwd(x, residual, weight, eps, need_rstd):
         _add_rms_norm_fwd_kernel[(res2.shape[0],)](
             x2, res2, weight, out, res_out, rstd, n_cols, eps,
             x2.stride(0) if x2 is not None else 0, res2.stride(0), out.stride(0), res_out.stride(0),
-            HAS_X=x is not None, STORE_RES=x is not None, STORE_RSTD=need_rstd, BLOCK=_check_cols(n_cols),
+            HAS_X=x is not None, STORE_RES=x is not None, STORE_RSTD=need_rstd,
+            TRIGGER=trigger_dependents(residual.device, res2.shape[0]), BLOCK=_check_cols(n_cols),
             num_warps=4 if n_cols <= 4096 else 8,
         )
     return out.view(shape), res_out.view(shape), rstd
@@ -185,6 +192,7 @@ def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
     block = min(1024, max(16, triton.next_power_of_2(n_cols)))
     with _on_device(h):
         _silu_mul_kernel[(h2.shape[0], triton.cdiv(n_cols, block))](
-            h2, out, n_cols, h2.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+            h2, out, n_cols, h2.stride(0), out.stride(0), TRIGGER=trigger_dependents(h.device, h2.shape[0]),
+            BLOCK=block, num_warps=4,
         )
     return out.view(*h.shape[:-1], n_cols)

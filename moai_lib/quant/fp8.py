@@ -150,6 +150,7 @@ class Float8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
+        self._gemv_read: tuple | None = None  # the weights a GEMV last read (PDL from the second call on)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, backend: str = "auto") -> Float8Linear:
@@ -187,7 +188,13 @@ class Float8Linear(nn.Module):
         if backend == "triton":
             from moai_lib.kernels.triton_gemv import fp8_gemv
 
-            y = fp8_gemv(x2, self.qweight, self.weight_scale, self.bias)
+            # PDL (the launch overlaps the previous kernel, `kernels.pdl`) once an ordinary launch has read these
+            # weights: whatever wrote them has then finished. (Inference tensors have no version counter: their
+            # in-place writes are seen only through a new storage.)
+            key = (self.qweight.data_ptr(), self.weight_scale.data_ptr(),
+                   *(-1 if t.is_inference() else t._version for t in (self.qweight, self.weight_scale)))
+            y = fp8_gemv(x2, self.qweight, self.weight_scale, self.bias, pdl=key == self._gemv_read)
+            self._gemv_read = key
             return y.reshape(*x.shape[:-1], self.out_features)
         xq, x_scale = quantize_rows_fp8(x2)
         w_scale = self.weight_scale.float()

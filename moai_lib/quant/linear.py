@@ -73,8 +73,11 @@ class QuantizedLinear(nn.Module):
         if backend not in INT_BACKENDS:
             raise QuantizationError(f"int: unknown backend {backend!r}; choose one of {', '.join(INT_BACKENDS)}")
         self.backend = backend
-        self._int4mm_cache: tuple | None = None
-        self._int4_only = False  # CUDA: qweight released, the integers live only in the int4pack layout
+        self._int4mm_cache: tuple | None = None  # (key, tinygemm's packed weight, scales-and-offsets)
+        self._columns_cache: tuple | None = None  # (key, the Triton GEMV's `Int4Columns`)
+        self._columns_read = False  # a GEMV has read the cached columns: later GEMVs may use PDL (kernels.pdl)
+        # CUDA: qweight released, the integers live only in the "int4pack" or "columns" layout (one copy)
+        self._released: str | None = None
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         n_groups = in_features // P.resolve_group_size(in_features, group_size)
@@ -143,8 +146,10 @@ class QuantizedLinear(nn.Module):
     # Compute ------------------------------------------------------------------------------------------------
     def integers(self) -> torch.Tensor:
         """q (out, in) uint8."""
-        if self._int4_only:
+        if self._released == "int4pack":
             return self._integers_from_int4pack()
+        if self._released:
+            return P.unpack_int4(self._packed_from_layout())
         return P.unpack_int4(self.qweight) if self.bits == 4 else self.qweight
 
     def qparams(self) -> P.QParams:
@@ -204,6 +209,18 @@ class QuantizedLinear(nn.Module):
             return "int4mm"
         return "int4mm" if problem is None and dtype == torch.bfloat16 else "dequant"
 
+    def read_tensors(self) -> list[torch.Tensor]:
+        """The tensors a forward reads now (for bandwidth accounting): after a release, the layout that holds the
+        integers (tinygemm's packed weight and its bf16 scales-and-offsets, or the GEMV's words, scales and
+        zeros) and the bias; otherwise the buffers and the bias."""
+        if self._released == "int4pack":
+            tensors = list(self._int4mm_cache[1:])
+        elif self._released == "columns":
+            tensors = list(self._columns_cache[1].tensors())
+        else:
+            tensors = [t for t in self.buffers(recurse=False) if t is not None]
+        return tensors + ([self.bias] if self.bias is not None else [])
+
     def _int4mm_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed weight, scales-and-offsets (in/g, out, 2) bf16) in the kernel's layout for the buffers'
         device, cached while the buffers are unchanged.
@@ -211,15 +228,16 @@ class QuantizedLinear(nn.Module):
         On CUDA the uint8 `qweight` is then released (replaced by an empty placeholder), so the GPU holds the
         4-bit weight once, in tinygemm's layout; `integers()`, `state_dict()` and moving the module off the GPU
         recover the exact integers from that layout (`_integers_from_int4pack`)."""
-        if self._int4_only:
-            packed = self._int4mm_cache[1]
-            key = (packed.device, "int4pack", _version(self.scales), _version(self.zeros))
+        if self._released == "columns":
+            self._restore_qweight()
+        if self._released == "int4pack":
+            key = (self._layout_device(), "int4pack", _version(self.scales), _version(self.zeros))
         else:
             key = (self.qweight.device, self.qweight.data_ptr(),
                    *map(_version, (self.qweight, self.scales, self.zeros)))
         if self._int4mm_cache is None or self._int4mm_cache[0] != key:
-            if self._int4_only:
-                pass  # the packed weight stays; only the scales and offsets below are rebuilt
+            if self._released == "int4pack":
+                packed = self._int4mm_cache[1]  # the packed weight stays; only the scales and offsets are rebuilt
             elif self.qweight.is_cuda:
                 # The CUDA packer reads the even column from the high nibble; ours stores it in the low one.
                 swapped = (self.qweight << 4) | (self.qweight >> 4)
@@ -231,18 +249,51 @@ class QuantizedLinear(nn.Module):
             offset = (8 - self.zeros.float()) * scale  # (q − z)·s = (q − 8)·s + (8 − z)·s
             scales_and_offsets = torch.stack((scale, offset), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._int4mm_cache = (key, packed, scales_and_offsets)
-            if packed.is_cuda and not self._int4_only:
-                self._release_qweight()
+            if packed.is_cuda and self._released is None:
+                self._release_qweight("int4pack")
         return self._int4mm_cache[1], self._int4mm_cache[2]
 
-    def _release_qweight(self) -> None:
+    def _columns(self):
+        """The layer in the Triton GEMV's column-major layout (`triton_gemv.Int4Columns`), cached while the buffers
+        are unchanged; on CUDA the uint8 `qweight` is then released, as for "int4mm" (the words are the same
+        bytes, transposed: `to_rows` gives them back exactly)."""
+        from moai_lib.kernels.triton_gemv import Int4Columns
+
+        if self._released == "int4pack":
+            self._restore_qweight()
+        if self._released == "columns":
+            key = (self._layout_device(), "columns", _version(self.scales), _version(self.zeros))
+        else:
+            key = (self.qweight.device, self.qweight.data_ptr(),
+                   *map(_version, (self.qweight, self.scales, self.zeros)))
+        if self._columns_cache is None or self._columns_cache[0] != key:
+            if self._released == "columns":  # the words stay; only the scales and zeros are transposed again
+                words = self._columns_cache[1].words
+                cols = Int4Columns(words, self.scales.T.contiguous(), self.zeros.T.contiguous(), self.group_size)
+            else:
+                cols = Int4Columns.from_rows(self.qweight, self.scales, self.zeros, self.group_size)
+            self._columns_cache = (key, cols)
+            self._columns_read = False
+            if cols.words.is_cuda and self._released is None:
+                self._release_qweight("columns")
+        return self._columns_cache[1]
+
+    def _layout_device(self) -> torch.device:
+        return self._int4mm_cache[1].device if self._released == "int4pack" else self._columns_cache[1].words.device
+
+    def _release_qweight(self, layout: str = "int4pack") -> None:
         """Drop the uint8 `qweight` (an empty placeholder stays registered): from now on the integers live only in
-        the cached int4mm layout. Done automatically on CUDA once that layout exists."""
-        packed = self._int4mm_cache[1]
-        self._buffers["qweight"] = torch.empty(0, dtype=torch.uint8, device=packed.device)
-        self._int4_only = True
-        self._int4mm_cache = ((packed.device, "int4pack", _version(self.scales), _version(self.zeros)),
-                              *self._int4mm_cache[1:])
+        the cached `layout` ("int4pack": tinygemm's, "columns": the Triton GEMV's). Done automatically on CUDA
+        once that layout exists."""
+        versions = (_version(self.scales), _version(self.zeros))
+        if layout == "int4pack":
+            device = self._int4mm_cache[1].device
+            self._int4mm_cache = ((device, "int4pack", *versions), *self._int4mm_cache[1:])
+        else:
+            device = self._columns_cache[1].words.device
+            self._columns_cache = ((device, "columns", *versions), self._columns_cache[1])
+        self._buffers["qweight"] = torch.empty(0, dtype=torch.uint8, device=device)
+        self._released = layout
 
     def _integers_from_int4pack(self) -> torch.Tensor:
         """q (out, in) uint8 read back from the int4mm layout, exactly: the kernel with scale 1 and offset 8
@@ -264,12 +315,17 @@ class QuantizedLinear(nn.Module):
             q[:, start:start + rows] = kernel(eye, packed, self.group_size, unit).T.to(torch.uint8)
         return q
 
+    def _packed_from_layout(self) -> torch.Tensor:
+        """The uint8 `qweight` (out, in/2), exactly, from the layout it was released into."""
+        if self._released == "int4pack":
+            return P.pack_int4(self._integers_from_int4pack())
+        return self._columns_cache[1].to_rows()
+
     def _restore_qweight(self) -> None:
-        """Bring back the uint8 `qweight` buffer (packed two per byte) from the int4pack layout."""
-        if self._int4_only:
-            q = self._integers_from_int4pack()
-            self._buffers["qweight"] = P.pack_int4(q)
-            self._int4_only, self._int4mm_cache = False, None
+        """Bring back the uint8 `qweight` buffer (packed two per byte) from the layout it was released into."""
+        if self._released:
+            self._buffers["qweight"] = self._packed_from_layout()
+            self._released, self._int4mm_cache, self._columns_cache = None, None, None
 
     def _apply(self, fn, recurse=True):
         self._restore_qweight()  # a device or dtype move works on the plain buffers, as before any forward
@@ -277,16 +333,15 @@ class QuantizedLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._int4_only:
-            destination[prefix + "qweight"] = P.pack_int4(self._integers_from_int4pack())
+        if self._released:
+            destination[prefix + "qweight"] = self._packed_from_layout()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if self._int4_only:  # loading replaces the integers: back to a full-size buffer to copy into
-            device = self._int4mm_cache[1].device
+        if self._released:  # loading replaces the integers: back to a full-size buffer to copy into
             self._buffers["qweight"] = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8,
-                                                   device=device)
-            self._int4_only, self._int4mm_cache = False, None
+                                                   device=self._layout_device())
+            self._released, self._int4mm_cache, self._columns_cache = None, None, None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -312,13 +367,16 @@ class QuantizedLinear(nn.Module):
         """The "triton" backend: the GEMV for ≤ GEMV_MAX_ROWS rows, else dequantize (one kernel) + dense matmul."""
         from moai_lib.kernels import triton_gemv
 
-        self._restore_qweight()  # the uint8 integers are this backend's layout (no-op unless int4mm ran last)
+        cols = self._columns()
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= triton_gemv.GEMV_MAX_ROWS:
-            y = triton_gemv.int4_gemv(x2, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+            # PDL (the launch overlaps the previous kernel) once a first, ordinary launch has read the columns:
+            # whatever wrote them has then finished.
+            y = triton_gemv.int4_gemv(x2, cols, self.bias, pdl=self._columns_read)
+            self._columns_read = True
         else:
-            w = triton_gemv.int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
-            y = F.linear(x2, w, self.bias.to(x.dtype) if self.bias is not None else None)
+            w_t = triton_gemv.int4_dequantize_t(cols, x.dtype)  # Ŵᵀ (in, out)
+            y = F.linear(x2, w_t.T, self.bias.to(x.dtype) if self.bias is not None else None)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

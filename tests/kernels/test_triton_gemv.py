@@ -28,26 +28,24 @@ from test_triton_kernels import _import_kernels_only  # noqa: E402
 ULP = {"bfloat16": 2 ** -7, "float16": 2 ** -10, "float32": 0.0}
 SUM_ORDER = 1e-5  # fp32 summation-order slack, relative to Σ|x|·|Ŵ|
 
-# (K, N, M, group, symmetric, bias, dtype, GemvConfig fields (block_n, block_k, split_k, num_warps[, int4_layout,
-# prefetch]) or None = default)
+# (K, N, M, group, symmetric, bias, dtype, GemvConfig fields (block_n, block_k, split_k, num_warps[, prefetch])
+# or None = default)
 INT4_CASES = {
-    "k64_n96_m1_g32_asym_bias": (64, 96, 1, 32, False, True, "bfloat16", None),
+    "k64_n96_m1_g32_asym_bias_tile_past_k": (64, 96, 1, 32, False, True, "bfloat16", None),
     "k64_n96_m3_g32_sym": (64, 96, 3, 32, True, False, "bfloat16", None),
     "k256_n96_m1_g64_sym_bias_split4": (256, 96, 1, 64, True, True, "bfloat16", (16, 64, 4, 4)),
-    "k256_n40_m3_g64_asym_tile_in_group": (256, 40, 3, 64, False, False, "bfloat16", (64, 32, 2, 4)),
-    "k256_n40_m3_g32_asym_bias_ragged_rows": (256, 40, 3, 32, False, True, "bfloat16", (64, 128, 1, 4)),
+    "k256_n40_m3_g64_asym_ragged_cols_split2": (256, 40, 3, 64, False, False, "bfloat16", (64, 64, 2, 4)),
+    "k256_n40_m2_g32_asym_bias_ragged_cols": (256, 40, 2, 32, False, True, "bfloat16", (64, 128, 1, 4)),
     "k256_n96_m1_g128_asym_fp16": (256, 96, 1, 128, False, True, "float16", (16, 256, 2, 4)),
     "k256_n96_m3_g64_asym_fp32_exact": (256, 96, 3, 64, False, True, "float32", (32, 128, 1, 4)),
     "k256_n96_m16_g32_sym": (256, 96, 16, 32, True, False, "bfloat16", None),
-    # K not a multiple of the tile: masked columns in the last tile (K = 320 = 2.5 tiles of 128; K < one tile).
+    # Groups not a multiple of the tile: masked groups in the last tile (5 groups in tiles of 2).
     "k320_n96_m3_g64_asym_bias_ragged_k_split2": (320, 96, 3, 64, False, True, "bfloat16", (32, 128, 2, 4)),
     "k256_n40_m1_g64_sym_tile_past_k": (256, 40, 1, 64, True, False, "float32", (64, 512, 1, 4)),
-    # Without the register prefetch of the next tile.
-    "no_prefetch_k256_n96_m3_g64_asym_bias_split2": (256, 96, 3, 64, False, True, "bfloat16",
-                                                     (32, 64, 2, 4, "join", False)),
-    # The "planes" INT4 layout (x read at stride 8 instead of interleaving the nibbles in registers).
-    "planes_k256_n96_m3_g64_asym_bias_split2": (256, 96, 3, 64, False, True, "bfloat16", (32, 128, 2, 4, "planes")),
-    "planes_k256_n40_m1_g128_sym_tile_in_group": (256, 40, 1, 128, True, False, "float32", (64, 64, 1, 4, "planes")),
+    # Several tiles per split: the register prefetch's hand-over, with and without it.
+    "k512_n96_m1_g32_asym_bias_split4": (512, 96, 1, 32, False, True, "bfloat16", (32, 64, 4, 4)),
+    "no_prefetch_k512_n96_m5_g64_asym_bias_split2": (512, 96, 5, 64, False, True, "bfloat16",
+                                                     (32, 64, 2, 4, False)),
 }
 FP8_CASES = {
     "k64_n96_m1_bias": (64, 96, 1, True, "bfloat16", None),
@@ -55,7 +53,7 @@ FP8_CASES = {
     "k256_n40_m3_bias_ragged_rows": (256, 40, 3, True, "bfloat16", (64, 128, 1, 4)),
     "k256_n96_m3_fp32_exact": (256, 96, 3, True, "float32", (16, 64, 2, 4)),
     "k320_n40_m2_ragged_k_split2": (320, 40, 2, True, "bfloat16", (64, 128, 2, 4)),
-    "no_prefetch_k256_n96_m3_split2": (256, 96, 3, True, "bfloat16", (32, 64, 2, 4, "join", False)),
+    "no_prefetch_k256_n96_m3_split2": (256, 96, 3, True, "bfloat16", (32, 64, 2, 4, False)),
 }
 
 
@@ -68,7 +66,7 @@ def excess(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, dtype: str, 
 
 
 def int4_case(case: str, device="cpu", shape=None) -> dict:
-    from moai_lib.kernels.triton_gemv import GemvConfig, int4_dequantize, int4_gemv, int4_gemv_ref
+    from moai_lib.kernels.triton_gemv import GemvConfig, Int4Columns, int4_dequantize_t, int4_gemv, int4_gemv_ref
     from moai_lib.quant import primitives as P
 
     k, n, m, group, symmetric, bias_on, dtype, cfg = INT4_CASES[case] if shape is None else shape
@@ -77,16 +75,19 @@ def int4_case(case: str, device="cpu", shape=None) -> dict:
     qp = P.compute_qparams(w, 4, group, symmetric, scale_dtype=torch.bfloat16)
     q = P.quantize_rtn(w, qp)
     qweight, scales, zeros = P.pack_int4(q).to(device), qp.scale.to(device), qp.zero.to(device)
+    cols = Int4Columns.from_rows(qweight, scales, zeros, group)
     x = torch.randn(m, k, generator=g).to(device, getattr(torch, dtype))
     bias = torch.randn(n, generator=g).to(device, torch.bfloat16) if bias_on else None
     w_hat = P.dequantize(q, qp).to(device)  # the spec's weight (fp32)
     ref = x.float() @ w_hat.T + (bias.float() if bias_on else 0)
-    y = int4_gemv(x, qweight, scales, zeros, group, bias, GemvConfig(*cfg) if cfg else None)
+    config = GemvConfig(*cfg) if cfg else None
+    y = int4_gemv(x, cols, bias, config)
     bound = x.float().abs() @ w_hat.abs().T
     return {"excess": excess(y, ref, bound, dtype), "dtype": str(y.dtype), "shape": list(y.shape),
+            "again_equal": bool(torch.equal(int4_gemv(x, cols, bias, config), y)),  # split-K counters were reset
             "ref_matches_spec": bool(torch.equal(int4_gemv_ref(x, qweight, scales, zeros, group, bias), ref)),
-            "dequant_exact": bool(torch.equal(int4_dequantize(qweight, scales, zeros, group, torch.float32),
-                                              w_hat))}
+            "layout_round_trip": bool(torch.equal(cols.to_rows(), qweight)),
+            "dequant_exact": bool(torch.equal(int4_dequantize_t(cols, torch.float32), w_hat.T))}
 
 
 def fp8_case(case: str, device="cpu", shape=None) -> dict:
@@ -101,8 +102,10 @@ def fp8_case(case: str, device="cpu", shape=None) -> dict:
     bias = torch.randn(n, generator=g).to(device, torch.bfloat16) if bias_on else None
     w_hat = wq.float().to(device) * scale  # `Float8Linear.weight`
     ref = x.float() @ w_hat.T + (bias.float() if bias_on else 0)
-    y = fp8_gemv(x, qweight, scale, bias, GemvConfig(*cfg) if cfg else None)
-    return {"excess": excess(y, ref, x.float().abs() @ w_hat.abs().T, dtype), "dtype": str(y.dtype)}
+    config = GemvConfig(*cfg) if cfg else None
+    y = fp8_gemv(x, qweight, scale, bias, config)
+    return {"excess": excess(y, ref, x.float().abs() @ w_hat.abs().T, dtype), "dtype": str(y.dtype),
+            "again_equal": bool(torch.equal(fp8_gemv(x, qweight, scale, bias, config), y))}
 
 
 def modules_report() -> dict:
@@ -133,7 +136,7 @@ def modules_report() -> dict:
     layer._release_qweight()
     layer.backend = "triton"
     y = layer(x)
-    out["int4_back_from_int4pack"] = bool(torch.equal(layer.qweight, qweight)) and not layer._int4_only
+    out["int4_back_from_int4pack"] = bool(torch.equal(layer.qweight, qweight)) and layer._released is None
     strided = torch.randn(256, 2, dtype=torch.bfloat16).T  # (2, 256) with strides (1, 2), as the mixer hands
     out["int4_strided_input"] = bool(torch.equal(layer(strided), layer(strided.contiguous())))
     out["auto_on_cpu"] = layer.__class__.from_float(linear, 4, 64, False).resolve_backend(torch.device("cpu"),
@@ -170,13 +173,14 @@ def test_interpreted_int4_gemv_matches_dequantized_matmul(interpreted):
         k, n, m, *_, dtype, _ = INT4_CASES[case]
         assert r["excess"] <= 1.0, (case, r)
         assert r["dtype"] == f"torch.{dtype}" and r["shape"] == [m, n], (case, r)
-        assert r["ref_matches_spec"] and r["dequant_exact"], (case, r)
+        assert r["ref_matches_spec"] and r["dequant_exact"] and r["layout_round_trip"], (case, r)
+        assert r["again_equal"], (case, r)
 
 
 def test_interpreted_fp8_gemv_matches_dequantized_matmul(interpreted):
     assert set(interpreted["fp8"]) == set(FP8_CASES)
     for case, r in interpreted["fp8"].items():
-        assert r["excess"] <= 1.0 and r["dtype"] == f"torch.{FP8_CASES[case][4]}", (case, r)
+        assert r["excess"] <= 1.0 and r["dtype"] == f"torch.{FP8_CASES[case][4]}" and r["again_equal"], (case, r)
 
 
 def test_interpreted_modules_use_the_gemv_and_keep_one_copy(interpreted):
@@ -252,14 +256,18 @@ def test_gpu_modules_gemv_keeps_one_copy():
     assert layer.resolve_backend(x.device, x.dtype) == "triton"
     before = torch.cuda.memory_allocated()
     y = layer(x)
-    assert torch.equal(layer.qweight, qweight) and layer._int4mm_cache is None  # no tinygemm layout built
-    assert torch.cuda.memory_allocated() - before < 1 << 20
+    # The GEMV's column-major words replace the uint8 copy (released): memory grows by the transposed scales and
+    # zeros only (3 B per group of 128), and the integers read back exactly.
+    assert layer.qweight.numel() == 0 and layer._released == "columns" and layer._int4mm_cache is None
+    assert torch.cuda.memory_allocated() - before < qweight.numel() // 16
+    assert torch.equal(layer.state_dict()["qweight"], qweight)
     ref = F_linear_ref(x, layer)
     assert P.sqnr(ref, y) > 40
-    layer.backend = "int4mm"  # the anchor: tinygemm's layout replaces the uint8 copy, and back
-    assert P.sqnr(ref, layer(x)) > 35 and layer.qweight.numel() == 0
+    layer.backend = "int4mm"  # the anchor: tinygemm's layout replaces the GEMV's, and back
+    assert P.sqnr(ref, layer(x)) > 35 and layer._released == "int4pack"
     layer.backend = "triton"
-    assert torch.equal(layer(x), y) and torch.equal(layer.qweight, qweight)
+    assert torch.equal(layer(x), y) and layer._released == "columns"
+    assert torch.equal(layer.integers(), P.unpack_int4(qweight))
     prefill = torch.randn(64, 2048, device="cuda", dtype=torch.bfloat16)  # > 16 rows: dequantize + matmul
     fast = layer(prefill)
     layer.backend = "dequant"  # the same bf16 weight (one kernel instead of torch's several) and matmul
@@ -283,14 +291,56 @@ def test_gpu_gemv_captures_in_a_cuda_graph():
     layer = QuantizedLinear.from_float(nn.Linear(6144, 2048, device="cuda", dtype=torch.bfloat16), 4, 128, False)
     layer.backend = "triton"
     x = torch.randn(1, 6144, device="cuda", dtype=torch.bfloat16)
-    eager = layer(x)  # compiles; split-K at N = 2048 (two kernels)
+    eager = layer(x)  # compiles; split-K at N = 2048 (partial sums added by the last program of each block)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = layer(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    for _ in range(3):  # the split-K counters are reset by every launch: replays agree bit for bit
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
 
 
 if __name__ == "__main__":
     _subprocess_main()
+
+
+@cuda
+@torch.no_grad()
+def test_gpu_pdl_gemv_waits_for_the_kernel_that_writes_its_input():
+    """With programmatic dependent launch the GEMV starts while the norm before it (which signals early, as in a
+    decode step) still runs: its output must still be the GEMV's input. Bit for bit against ordinary launches,
+    eagerly and replayed in a CUDA graph (as the decoder runs it)."""
+    from moai_lib.kernels.pdl import pdl_capable
+    from moai_lib.kernels.triton_gemv import Int4Columns, fp8_gemv, int4_gemv
+    from moai_lib.kernels.triton_norm import add_rms_norm_triton
+    from moai_lib.quant import primitives as P
+    from moai_lib.quant.fp8 import quantize_rows_fp8
+
+    if not pdl_capable(torch.device("cuda")):
+        pytest.skip("needs sm_90+ and a Triton with grid dependency control")
+    torch.manual_seed(0)
+    k, n = 2048, 8192
+    w = torch.randn(n, k, device="cuda")
+    qp = P.compute_qparams(w, 4, 128, False, scale_dtype=torch.bfloat16)
+    cols = Int4Columns.from_rows(P.pack_int4(P.quantize_rtn(w, qp)), qp.scale, qp.zero, 128)
+    wq, scale = quantize_rows_fp8(w)
+    norm_w = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+
+    def step(res, pdl):
+        h, res = add_rms_norm_triton(None, res, norm_w, 1e-5)
+        y = int4_gemv(h.view(1, k), cols, pdl=pdl)
+        return fp8_gemv(y[:, :k].contiguous(), wq.view(torch.uint8), scale, pdl=pdl), res
+
+    inputs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(20)]
+    for res in inputs:
+        assert torch.equal(step(res, True)[0], step(res, False)[0])
+    static = inputs[0].clone()
+    step(static, True)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = step(static, True)
+    for res in inputs:
+        static.copy_(res)
+        graph.replay()
+        assert torch.equal(out, step(res, False)[0])
