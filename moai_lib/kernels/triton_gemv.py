@@ -88,10 +88,8 @@ def default_config(kind: str, m: int, n: int, k: int, device: torch.device, grou
     per SM: within a few % of the best of a 20-shape sweep on each of the 2b preset's layers (H200, weights read
     from HBM, BENCHMARKS.md). FP8: 16 rows × 256 columns, ~4 programs per SM."""
     if kind == "int4":
-        if m == 1:
-            block_n, block_k = (64 if n > 256 else 32), max(group_size, min(512, triton.next_power_of_2(k)))
-        else:  # every row's partials stay in registers: tiles of one group × 32 columns (4 words per thread)
-            block_n, block_k = 32, group_size
+        block_n = 64 if n > 256 else 32
+        block_k = max(group_size, min(512, triton.next_power_of_2(k)))
         return GemvConfig(block_n=block_n, block_k=block_k,
                           split_k=split_k_for(n, k, block_n, block_k, device, per_sm=2), num_warps=4)
     block_n, block_k = 16, min(256, max(32, triton.next_power_of_2(k)))
@@ -183,14 +181,13 @@ def _int4_words(w_ptr, s_ptr, z_ptr, cols, col_mask, kt, N, n_groups, GROUP: tl.
 
 
 @triton.jit
-def _int4_tile_dot(words, s, z, wr, gmask, x_ptr, M, s_xm, BLOCK_M: tl.constexpr):
-    """Σ over the tile's input columns of Ŵ·x for every row of x, as (BLOCK_M, GPT, GROUP/8, BLOCK_N) fp32 word
-    partials, with the group's scale applied after the dot product: per word, c = Σ_i f_i·x_i with
-    f_i = 1 + q_i/16 (`_plane`), and Σ_i (q_i − z)·s·x_i = 16s·c − (16 + z)·s·Σ_i x_i. Per weight: a shift and
-    an AND-OR, then one FMA per row of x; two FMAs per word and row. Rows of x past M read zeros."""
-    rows = tl.arange(0, BLOCK_M)[:, None, None]
-    xp = x_ptr + rows * s_xm + (wr * 8)[None, :, :]  # (BLOCK_M, GPT, GROUP/8): x of nibble 0 of each word row
-    m = (rows < M) & gmask[None, :, None]
+def _int4_tile_dot(words, s, z, wr, gmask, x_row_ptr):
+    """Σ over the tile's input columns of Ŵ·x for one row of x, as (GPT, GROUP/8, BLOCK_N) fp32 word partials,
+    with the group's scale applied after the dot product: per word, c = Σ_i f_i·x_i with f_i = 1 + q_i/16
+    (`_plane`), and Σ_i (q_i − z)·s·x_i = 16s·c − (16 + z)·s·Σ_i x_i. Three instructions per weight (shift,
+    AND-OR, FMA) and two FMAs per word of eight."""
+    xp = x_row_ptr + wr * 8  # (GPT, GROUP/8): x of nibble 0 of each word row
+    m = gmask[:, None]
     x0 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
     x1 = tl.load(xp + 1, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(xp + 2, mask=m, other=0.0).to(tl.float32)
@@ -199,19 +196,19 @@ def _int4_tile_dot(words, s, z, wr, gmask, x_ptr, M, s_xm, BLOCK_M: tl.constexpr
     x5 = tl.load(xp + 5, mask=m, other=0.0).to(tl.float32)
     x6 = tl.load(xp + 6, mask=m, other=0.0).to(tl.float32)
     x7 = tl.load(xp + 7, mask=m, other=0.0).to(tl.float32)
-    c = _plane(words, 0)[None] * x0[:, :, :, None]
-    c += _plane(words, 4)[None] * x1[:, :, :, None]
-    c += _plane(words, 8)[None] * x2[:, :, :, None]
-    c += _plane(words, 12)[None] * x3[:, :, :, None]
-    c += _plane(words, 16)[None] * x4[:, :, :, None]
-    c += _plane(words, 20)[None] * x5[:, :, :, None]
-    c += _plane(words, 24)[None] * x6[:, :, :, None]
-    c += _plane(words, 28)[None] * x7[:, :, :, None]
+    c = _plane(words, 0) * x0[:, :, None]
+    c += _plane(words, 4) * x1[:, :, None]
+    c += _plane(words, 8) * x2[:, :, None]
+    c += _plane(words, 12) * x3[:, :, None]
+    c += _plane(words, 16) * x4[:, :, None]
+    c += _plane(words, 20) * x5[:, :, None]
+    c += _plane(words, 24) * x6[:, :, None]
+    c += _plane(words, 28) * x7[:, :, None]
     xs = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
     s = s.to(tl.float32)
-    a = (16.0 * s)[None, :, None, :]
-    b = (-(z.to(tl.float32) + 16.0) * s)[None, :, None, :]
-    return a * c + b * xs[:, :, :, None]
+    a = (16.0 * s)[:, None, :]
+    b = (-(z.to(tl.float32) + 16.0) * s)[:, None, :]
+    return a * c + b * xs[:, :, None]
 
 
 @triton.jit
@@ -227,11 +224,11 @@ def _int4_gemv_kernel(
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
+    m_idx = tl.arange(0, BLOCK_M)
     first = pid_k * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(n_groups, GPT))
-    # Word partials per row of x, summed across threads once at the end (each thread holds every row's partials
-    # for its words: the weights are dequantized once for all rows).
-    acc = tl.zeros((BLOCK_M, GPT, GROUP // 8, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((GPT, GROUP // 8, BLOCK_N), dtype=tl.float32)  # one row of x: word partials, summed once
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # several rows: summed per tile
     if PREFETCH:
         words, s, z, wr, gmask = _int4_words(w_ptr, s_ptr, z_ptr, cols, col_mask, first, N, n_groups,
                                              GROUP, GPT, EVEN_K)
@@ -246,12 +243,20 @@ def _int4_gemv_kernel(
         else:
             words, s, z, wr, gmask = _int4_words(w_ptr, s_ptr, z_ptr, cols, col_mask, kt, N, n_groups,
                                                  GROUP, GPT, EVEN_K)
-        acc += _int4_tile_dot(words, s, z, wr, gmask, x_ptr, M, s_xm, BLOCK_M)
+        if BLOCK_M == 1:
+            acc3 += _int4_tile_dot(words, s, z, wr, gmask, x_ptr)
+        else:  # (measured slow on the H200: `QuantizedLinear` sends several rows to dequantize + matmul)
+            for m in tl.static_range(BLOCK_M):
+                # Rows of the power-of-two BLOCK_M beyond M re-read row M − 1; the store drops them.
+                t = _int4_tile_dot(words, s, z, wr, gmask, x_ptr + tl.minimum(m, M - 1) * s_xm)
+                part = tl.sum(tl.sum(t, axis=1), axis=0)  # (BLOCK_N,)
+                acc += tl.where(m_idx[:, None] == m, part[None, :], 0.0)
         if PREFETCH:
             words, s, z, wr, gmask = nwords, ns, nz, nwr, ngmask
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_M, BLOCK_N)
-    _write_out(out, b_ptr, out_ptr, part_ptr, cnt_ptr, cols, col_mask, tl.arange(0, BLOCK_M), M, N, pid_n, pid_k,
-               n_splits, s_om, HAS_BIAS, SPLIT)
+    if BLOCK_M == 1:
+        acc += tl.sum(tl.sum(acc3, axis=1), axis=0)[None, :]
+    _write_out(acc, b_ptr, out_ptr, part_ptr, cnt_ptr, cols, col_mask, m_idx, M, N, pid_n, pid_k, n_splits, s_om,
+               HAS_BIAS, SPLIT)
 
 
 @triton.jit

@@ -50,6 +50,7 @@ from .api import (
 INT_BITS = (4, 8)
 INT_BACKENDS = ("auto", "dequant", "int4mm", "triton")
 INT4MM_GROUP_SIZES = (32, 64, 128, 256)
+INT4_GEMV_ROWS = 1  # backend "triton": inputs of up to this many rows take the GEMV, more dequantize + matmul
 
 
 @register_module_kind
@@ -364,12 +365,14 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.dequantize_weight(x.dtype), bias)
 
     def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The "triton" backend: the GEMV for ≤ GEMV_MAX_ROWS rows, else dequantize (one kernel) + dense matmul."""
+        """The "triton" backend: the GEMV for one row (a batch-1 decode step), else dequantize (one kernel) +
+        dense matmul (on the H200 the GEMV's cost grows with each row: from 2 rows on the dense matmul is as fast
+        or faster, BENCHMARKS.md)."""
         from moai_lib.kernels import triton_gemv
 
         cols = self._columns()
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= triton_gemv.GEMV_MAX_ROWS:
+        if x2.shape[0] <= INT4_GEMV_ROWS:
             # PDL (the launch overlaps the previous kernel) once a first, ordinary launch has read the columns:
             # whatever wrote them has then finished.
             y = triton_gemv.int4_gemv(x2, cols, self.bias, pdl=self._columns_read)
