@@ -18,7 +18,7 @@ Every variant decodes with the step captured as a CUDA graph (`CudaGraphDecoder`
 would otherwise hide the weight-read time that quantization shrinks.
 
 Validation before timing: the SQNR of each variant's prefill logits against bf16's, CUDA-graph decoding =
-eager decoding (8 tokens), and for the Triton variants the SQNR of an 8-token forward (every linear then runs
+eager decoding (8 tokens), and for the Triton variants the SQNR of a 1-token forward (every linear then runs
 the GEMV) against the same weights through a bf16 matmul with the dequantized weight (INT4 backend "dequant";
 for FP8 `Float8Linear.weight`, not the activation-quantized "emulated" backend).
 
@@ -71,10 +71,11 @@ VARIANTS = {
 
 
 def gemv_vs_reference_sqnr(model, prompt) -> float:
-    """SQNR of an 8-token forward (≤ 16 rows: every Triton layer runs the GEMV) against the same weights through
-    the reference matmul: INT4 layers on backend "dequant" (exact Ŵ, bf16 matmul), FP8 layers replaced by their
-    `Float8Linear.weight` in bf16 (the GEMV is weight-only, unlike the "emulated" backend)."""
-    ids = prompt[:, :8]
+    """SQNR of a 1-token forward (one row: every Triton layer runs the GEMV, as in a decode step) against the same
+    weights through the reference matmul: INT4 layers on backend "dequant" (exact Ŵ, bf16 matmul), FP8 layers
+    replaced by their `Float8Linear.weight` in bf16 (the GEMV is weight-only, unlike the "emulated" backend).
+    (Until the sixth session an 8-token forward: INT4 "triton" now runs 2+ rows as dequantize + matmul.)"""
+    ids = prompt[:, :1]
     fast = model(input_ids=ids, use_cache=False).logits.float()
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear | Float8Linear)]
     saved = [(m, m.backend) for m in layers]

@@ -32,7 +32,9 @@ import dataclasses
 import itertools
 import json
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
 
 import torch
 from torch import nn
@@ -224,7 +226,9 @@ def main() -> None:
                       f"{best['config']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+            json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "command": " ".join(sys.argv),
+                       "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
                        "torch": torch.__version__, "rows": rows, "sweep": sweep_rows}, f, indent=1)
 
 

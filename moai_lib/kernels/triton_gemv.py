@@ -1,40 +1,42 @@
 """Weight-only GEMV / skinny GEMM for decoding (M = 1..16 rows): y = x · Ŵᵀ (+ b), Ŵ dequantized in registers.
 
-Two weight formats, exactly the storage of `moai_lib.quant`:
-- INT4 (`QuantizedLinear`, bits=4): `qweight` (N, K/2) uint8, byte j = q[2j] | q[2j+1] << 4; `scales` (N, K/g)
-  and `zeros` (N, K/g) uint8; Ŵ = (q − z)·s per group of g input columns (symmetric layers store z = 8).
+Two weight formats:
+- INT4 (`QuantizedLinear`, bits=4), in the GEMV's column-major layout `Int4Columns` built from the stored one:
+  `words` (K/8, N) int32 (word w of column n holds the nibbles of input columns 8w..8w+7, nibble i = column
+  8w + i: the stored `qweight` (N, K/2) uint8 bytes, transposed), `scales` (K/g, N), `zeros` (K/g, N) uint8;
+  Ŵ = (q − z)·s per group of g input columns (symmetric layers store z = 8). `QuantizedLinear` keeps this layout
+  instead of `qweight` on the GPU (one copy; `Int4Columns.to_rows` gives the bytes back exactly).
 - FP8 E4M3 (`Float8Linear`): `qweight` (N, K) uint8 holding E4M3 bits, `weight_scale` (N, 1) fp32; Ŵ = e4m3·s.
   Weight-only: the activations stay in bf16/fp16 (no per-token FP8 quantization), accumulation in fp32.
 
 Why a GEMV: at batch 1 a linear layer is a pure weight stream (2·N·K flops over N·K/2 bytes at INT4: 4 flop/B,
-while the H200 offers ~240 flop/B). torch's tinygemm (`_weight_int4pack_mm`) is an MMA kernel tiled for M ≥ 16
-and measured 3.6× above its weight-read floor in the decode step (BENCHMARKS.md §5). Here each program owns
-BLOCK_N output rows × a slice of K (split-K when N alone gives too few programs for 132 SMs; the SPLIT_K fp32
-partials are summed by a second small kernel, deterministic, no atomics), streams the packed weight in
-(BLOCK_N, BLOCK_K) tiles with 16-byte vector loads (INT4: int32 words of 8 nibbles), loads each group's
-scale/zero once per tile, dequantizes and multiplies every row of x against the same registers.
+while the H200 offers ~240 flop/B). torch's tinygemm (`_weight_int4pack_mm`) is an MMA kernel tiled for M ≥ 16.
 
-Dequantization without int→float conversions (quarter-rate on the GPU): nibble i of a word is shifted to the top of
-the mantissa of 1.0, read as fp32 f = 1 + q/16 exactly, and one FMA with per-group constants gives f·16s − (16 +
-z)·s = (q − z)·s, every step exact in fp32 for bf16/fp16 scales: the same values as `primitives.dequantize`, so
-kernel and reference differ only in summation order. The 8 nibbles of a word are interleaved back into column order
-by `tl.join` (in registers) so that x is read contiguously. FP8 uses the hardware E4M3 → fp32 conversion (sm_89+).
+INT4 kernel: each program owns BLOCK_N output columns × a slice of K and streams (GPT groups × BLOCK_N) tiles of
+words as 16-byte vectors along N, so that every x value a thread loads serves the 4 columns of its vector.
+Dequantization without int→float conversions (quarter-rate on the GPU): nibble i of a word is shifted to the top
+of the mantissa of 1.0 and read as fp32 f = 1 + q/16, exactly; the group's scale comes after the dot product:
+Σ (q − z)·s·x = 16s·Σ f·x − (16 + z)·s·Σ x, so a weight costs a shift, an AND-OR and one FMA, and each word of 8
+two more FMAs. FP8 uses the hardware E4M3 → fp32 conversion (sm_89+) in row-major (BLOCK_N rows, BLOCK_K) tiles.
 
-Napkin math (H200, ~3.3 TB/s achievable of 4 TB/s copy; `2b` preset: d=2048, E=4096, I=6144, 24 layers):
-- INT4 g128 bytes per weight: 0.5 (nibble) + (2 B bf16 scale + 1 B zero)/128 = 0.523 B; FP8: 1 + 4/K B.
-- Per layer N×K: in_proj 8192×2048 (8.8 MB INT4 → 2.7 µs), x_proj 160×4096 (0.34 MB → 0.1 µs), out_proj
-  2048×4096 (4.4 MB → 1.3 µs), fc1 12288×2048 (13.2 MB → 4.0 µs), fc2 2048×6144 (6.6 MB → 2.0 µs): 33.3 MB,
-  10.1 µs per layer, 0.24 ms for 24 layers (FP8: 63.6 MB, 0.46 ms; bf16: 127 MB, 0.92 ms). The bf16 LM head
-  (2048×128K, 0.52 GB) adds 0.16 ms to every variant.
-- Work per weight at M=1: 2 integer ops + 1 FMA (dequant) + 1 FMA per row of x (+ the bf16 → fp32 of x); streaming
-  0.52 B/weight at 3.3 TB/s is ~24 weights per SM per clock (132 SMs, 1.98 GHz): ~100 of the 128 instructions an
-  SM issues per clock, so the instruction count, not only the bytes, sets the pace (the sweep's job).
-  At M=16 the FMAs (16 per weight, 384 per SM-clock at that rate) make it compute-bound near ~3× the read floor,
-  still below a bf16 read of the same layer.
+Split-K (when N alone gives too few programs for 132 SMs) without a second kernel: every program stores its fp32
+partial sums, and the last program of a column block to arrive (an atomic counter per block, reset by that
+program) adds them in split order and writes the output: deterministic, one launch. With `pdl=True` (on sm_90+,
+`kernels.pdl`) the launch may overlap the previous kernel: the first weight tile is loaded before `gdc_wait`.
 
-Entry points: `int4_gemv`, `fp8_gemv` (x (M, K), M ≤ `GEMV_MAX_ROWS`), `int4_dequantize` (the whole Ŵ in one
-kernel, for prefill-sized M that then runs a dense matmul) and their fp32 references `*_ref`. Launch shapes come
-from `default_config` unless a `GemvConfig` is given (the benchmark sweeps them).
+Measured (H200, BENCHMARKS.md §5; each call reading its weights from HBM): at 1 row the INT4 GEMV runs the 2b
+preset's layers in 1.04–1.15× tinygemm's time (in_proj 2048→8192: 7.9 µs vs 7.4, 1.1 TB/s against a 2.2 µs read
+floor): small matrices are latency-bound (first-load latency, ramp, the split-K fix-up), and at 3 instructions per
+weight the issue rate is the next limit (the LM head, 137 MB, streams at 1.8 TB/s where FP8 reaches 3.5). Several
+rows per pass are slower still (each row re-dequantizes; `QuantizedLinear` runs dequantize + matmul from 2 rows).
+
+Napkin math (`2b` preset: d=2048, E=4096, I=6144, 24 layers): INT4 g128 bytes per weight 0.5 + 3/128; per layer
+in_proj 8.8 MB, x_proj 0.34, out_proj 4.4, fc1 13.2, fc2 6.6: 33.3 MB, 10.1 µs at 3.3 TB/s, 0.24 ms for 24 layers
+(FP8: 0.46 ms; bf16: 0.92 ms); the bf16 LM head (0.52 GB) adds 0.16 ms to every variant.
+
+Entry points: `int4_gemv(x, Int4Columns, ...)`, `fp8_gemv` (x (M, K), M ≤ `GEMV_MAX_ROWS`),
+`int4_dequantize_t` (Ŵᵀ in one kernel, for inputs that then run a dense matmul) and the fp32 references
+`*_ref`. Launch shapes come from `default_config` unless a `GemvConfig` is given (the benchmark sweeps them).
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ launch of batch 1.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -39,8 +41,11 @@ from . import triton_scan as ts
 
 # Split only sequences at least this long, into segments at least _MIN_SEGMENT long. Measured on the H200 (370m,
 # B=1, 2K prompt): splitting from L=2048 halves the layers' GPU time under a CUDA graph (8.2 vs 16.5 ms) but the
-# eager prefill is host-bound and the two extra launches per layer made it slower (19-24 vs 18-19 ms).
+# eager prefill is host-bound and the two extra launches per layer made it slower (19-24 vs 18-19 ms): so from
+# 2048 while a CUDA graph is being captured (launches then cost nothing at replay), from 4096 otherwise.
 _MIN_SPLIT_LENGTH = 4096
+_MIN_SPLIT_LENGTH_GRAPHED = 2048
+_graph_launches = False
 _MIN_SEGMENT = 512
 # Split only batches too narrow for the unsplit launches (fewer than `_MIN_PROGRAMS` programs of 16 channels: the
 # regime where `default_configs` narrows its blocks), and until batch x segments x channels reach what the widest
@@ -49,9 +54,22 @@ _NARROW_CHANNELS = ts._MIN_PROGRAMS * 16
 _WIDE_CHANNELS = ts._MIN_PROGRAMS * 32
 
 
+@contextlib.contextmanager
+def graph_launches():
+    """Inside: choose launch shapes for a CUDA graph (its launches cost nothing at replay), as during a capture:
+    the scan splits from L = 2048. For the warm-up before a capture, so that it compiles the captured kernels."""
+    global _graph_launches
+    previous, _graph_launches = _graph_launches, True
+    try:
+        yield
+    finally:
+        _graph_launches = previous
+
+
 def segment_len_for(batch: int, dim: int, length: int) -> int:
     """Steps per segment (a multiple of 64), or 0: do not split (the batch is wide enough, or L too short)."""
-    if batch * dim >= _NARROW_CHANNELS or length < _MIN_SPLIT_LENGTH:
+    graphed = _graph_launches or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    if batch * dim >= _NARROW_CHANNELS or length < (_MIN_SPLIT_LENGTH_GRAPHED if graphed else _MIN_SPLIT_LENGTH):
         return 0
     n_seg = min(triton.cdiv(_WIDE_CHANNELS, batch * dim), length // _MIN_SEGMENT)
     return triton.cdiv(triton.cdiv(length, n_seg), 64) * 64 if n_seg >= 2 else 0

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .inputs import check_input_ids
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -181,20 +183,79 @@ class CudaGraphDecoder:
         return self.logits
 
 
+class CudaGraphPrefill:
+    """The prefill forward of prompts of one shape (batch, length), captured once as a CUDA graph and replayed.
+
+    An eager prefill launches ~20 kernels per layer, each costing tens of µs of Python: at batch 1 and a 2K prompt
+    the CPU sets the time to first token, not the GPU (BENCHMARKS.md). Replaying the captured forward is one launch.
+    Under capture the scan splits a batch-narrow sequence over L from 2K tokens on (`triton_scan_seg`: twice the
+    launches, half the GPU time, a loss only when launches cost Python time).
+
+    `__call__(input_ids)` returns (logits (B, 1, V) of the last position, cache): both static, overwritten by the
+    next replay. Take the first token from the logits and hand the cache to a `CudaGraphDecoder` (`load` copies
+    the states) or decode from it directly before the next prefill. Build it on a CUDA model in eval mode; re-capture
+    after changing the weights. One capture per prompt shape: a server keeps one per length bucket.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model, batch_size: int, length: int, warmup: int = 2):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError("CudaGraphPrefill needs the model on a CUDA GPU; on the CPU run the prefill eagerly")
+        if batch_size < 1 or length < 1:
+            raise ValueError(f"CudaGraphPrefill: batch_size and length must be ≥ 1, got {batch_size}, {length}")
+        from moai_lib.kernels.triton_scan_seg import graph_launches
+
+        self.model, self.shape = model, (batch_size, length)
+        self.input_ids = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with graph_launches():
+            with torch.cuda.stream(stream):  # warm-up outside the capture: Triton compiles, cuBLAS picks kernels
+                for _ in range(warmup):
+                    self._forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                out = self._forward()
+        self.logits, self.cache = out.logits, out.cache
+        self._offset = self.cache.seqlen_offset
+
+    def _forward(self):
+        return self.model(input_ids=self.input_ids, use_cache=True, logits_to_keep=1)
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor):
+        """input_ids (B, L) of the captured shape → (last-position logits (B, 1, V), cache)."""
+        if tuple(input_ids.shape) != self.shape:
+            raise ValueError(f"CudaGraphPrefill was captured for prompts of shape {self.shape}, got "
+                             f"{tuple(input_ids.shape)}; capture one per prompt shape (or run this one eagerly)")
+        check_input_ids(input_ids, self.model.get_input_embeddings().num_embeddings)  # the graph cannot check
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        self.cache.seqlen_offset = self._offset  # decoding from the cache directly moved it on
+        return self.logits, self.cache
+
+
 @torch.inference_mode()
 def greedy_decode(model, input_ids: torch.Tensor, max_new_tokens: int, *,
-                  cuda_graph: bool | CudaGraphDecoder = False) -> torch.Tensor:
+                  cuda_graph: bool | CudaGraphDecoder = False,
+                  prefill: CudaGraphPrefill | None = None) -> torch.Tensor:
     """Greedy continuation of `input_ids` (B, L) (no padding): the new tokens (B, max_new_tokens).
 
-    The prompt runs as one full-sequence forward (the prefill); each new token then runs the O(1) recurrent
-    step, eagerly or, with `cuda_graph=True`, as a replayed `CudaGraphDecoder` captured for this call (same
-    kernels, same tokens). Passing a `CudaGraphDecoder` of this model and batch size reuses it (`load`): no
-    capture, as in a server decoding one prompt after another.
+    The prompt runs as one full-sequence forward (the prefill), eagerly or as a replayed `CudaGraphPrefill`
+    captured for this prompt shape (`prefill=`); each new token then runs the O(1) recurrent step, eagerly or,
+    with `cuda_graph=True`, as a replayed `CudaGraphDecoder` captured for this call (same kernels, same tokens).
+    Passing a `CudaGraphDecoder` of this model and batch size reuses it (`load`): no capture, as in a server
+    decoding one prompt after another.
     """
     check_generation_args(max_new_tokens=max_new_tokens)
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    token = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    if prefill is not None:
+        logits, cache = prefill(input_ids)
+    else:
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        logits, cache = out.logits, out.cache
+    token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
     if isinstance(cuda_graph, CudaGraphDecoder):
         cuda_graph.load(cache)
         step = cuda_graph

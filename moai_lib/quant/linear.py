@@ -13,18 +13,18 @@ Matmul backends (`INT_BACKENDS`, chosen in `QuantizedLinear.resolve_backend` and
   dequantization is (q − 8)·s + m with m = (8 − z)·s, which is ours exactly up to rounding s and m to bf16.
   The kernel layout is built from the stored integers on first use (per device) and cached. On CUDA the uint8
   copy is then released: the GPU holds each 4-bit weight once (save, load and device moves still see it).
-- "triton": our Triton kernels (`moai_lib.kernels.triton_gemv`), which read the uint8 `qweight` as stored: a
-  weight-streaming GEMV for inputs of ≤ 16 rows (decoding: tinygemm is an MMA kernel tiled for M ≥ 16 and runs
-  ~3.6× above its weight-read floor at M = 1), and for more rows one kernel that dequantizes Ŵ followed by a
-  dense matmul. 4 bits, group_size 32-256, no permuted g_idx; CUDA (or Triton's CPU interpreter). The
-  dequantization is exactly ours ((q − z)·s in fp32), accumulation in fp32.
+- "triton": our Triton kernels (`moai_lib.kernels.triton_gemv`) on the column-major `Int4Columns` layout (the
+  `qweight` bytes transposed, built on first use): a weight-streaming GEMV for one row (a batch-1 decode step;
+  launched with programmatic dependent launch from its second call, `kernels.pdl`), and for more rows one kernel
+  that dequantizes Ŵᵀ followed by a dense matmul. 4 bits, group_size 32-256, no permuted g_idx; CUDA (or Triton's
+  CPU interpreter). The dequantization is exactly ours ((q − z)·s in fp32), accumulation in fp32.
 - "auto": "int4mm" for bf16 activations where it applies, else "dequant": the automatic choice never lowers the
   activation precision (fp32 models keep fp32 matmuls; QAT's bit-exactness relies on this). Not "triton": on the
-  H200 its GEMV is level with tinygemm at one row of the 2b preset's layers and 3x slower at 16 rows
-  (BENCHMARKS.md, "Quantized decoding"); ask for it explicitly.
+  H200 its GEMV takes 1.0–1.2× tinygemm's time at one row of the 2b preset's layers, and its batch-1 decode step
+  1.15× (BENCHMARKS.md, "Quantized decoding"); ask for it explicitly.
 
-One copy of the integers on the GPU: "int4mm" keeps them in tinygemm's layout (the uint8 `qweight` released),
-"triton" in the uint8 `qweight`; switching a layer's backend converts (exactly) from one to the other.
+One copy of the integers on the GPU: "int4mm" keeps them in tinygemm's layout, "triton" in `Int4Columns` (the
+uint8 `qweight` released in both cases); switching a layer's backend converts (exactly) from one to the other.
 """
 
 from __future__ import annotations
