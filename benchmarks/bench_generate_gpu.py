@@ -229,6 +229,9 @@ def main() -> None:
             print(f"| decode | {r['model']} | B={r['batch']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']:.0f} |")
         elif r["question"] == "ttft":
             print(f"| TTFT | {r['model']} | prompt {r['prompt']} | {r['ms']:.2f} | |")
+        elif r["question"] == "ttft_validation":
+            print(f"| TTFT prefill graph: capture {r['capture_ms']:.0f} ms, logits vs eager "
+                  f"{r['graph_vs_eager_scaled_error']:.1e}, same first token {r['same_first_token']} | | | | |")
         else:
             print(f"| latency | {r['model']} | context {r['context']} | {r['ms_per_token']:.3f} | |")
     write_json(args.out, {"preset": args.preset, "dtype": "bfloat16", "validation": check,
