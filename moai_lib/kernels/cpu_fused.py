@@ -105,6 +105,7 @@ class _BwdArgs(ctypes.Structure):
         *[(name, ctypes.c_int64) for name in ("batch", "dim", "len", "dstate", "np")],
         ("softplus", ctypes.c_int),
         *[(name, ctypes.c_void_p) for name in ("gu", "gdelta", "gz", "gA", "gD", "gbias", "gh0", "gBt", "gCt")],
+        ("n_slots", ctypes.c_int64),
     ]
 
 
@@ -201,12 +202,15 @@ class _FusedScanFn(torch.autograd.Function):
         g_A, g_h0 = torch.empty((dim, dstate)), torch.empty((batch, dim, dstate))
         g_D = torch.empty(dim) if D32 is not None else None
         g_bias = torch.empty(dim) if bias32 is not None else None
-        g_Bt, g_Ct = torch.empty((threads, batch, length, np_)), torch.empty((threads, batch, length, np_))
+        # B and C gradients: partial sums per slot of channels, several slots per thread for balance (a fixed
+        # partition: the sum does not depend on thread timing), summed below in slot order.
+        slots = min(dim, max(threads, min(4 * threads, 16)))
+        g_Bt, g_Ct = torch.empty((slots, batch, length, np_)), torch.empty((slots, batch, length, np_))
         args = _BwdArgs(
             _ptr(u32), _ptr(delta32), _ptr(A32), _ptr(Bt), _ptr(Ct), _ptr(D32), _ptr(z32), _ptr(bias32),
             _ptr(gout32), _ptr(glast32), _ptr(ckpt), _strides(u32), _strides(delta32), _strides(z32),
             _strides(gout32), batch, dim, length, dstate, np_, int(ctx.delta_softplus), _ptr(g_u), _ptr(g_delta),
-            _ptr(g_z), _ptr(g_A), _ptr(g_D), _ptr(g_bias), _ptr(g_h0), _ptr(g_Bt), _ptr(g_Ct),
+            _ptr(g_z), _ptr(g_A), _ptr(g_D), _ptr(g_bias), _ptr(g_h0), _ptr(g_Bt), _ptr(g_Ct), slots,
         )
         if _lib().moai_scan_bwd(ctypes.byref(args), threads, _ISA["value"]) != 0:
             raise RuntimeError(f"fused CPU scan: unsupported state size N={dstate}")

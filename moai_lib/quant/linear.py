@@ -231,11 +231,7 @@ class QuantizedLinear(nn.Module):
         recover the exact integers from that layout (`_integers_from_int4pack`)."""
         if self._released == "columns":
             self._restore_qweight()
-        if self._released == "int4pack":
-            key = (self._layout_device(), "int4pack", _version(self.scales), _version(self.zeros))
-        else:
-            key = (self.qweight.device, self.qweight.data_ptr(),
-                   *map(_version, (self.qweight, self.scales, self.zeros)))
+        key = self._cache_key("int4pack")
         if self._int4mm_cache is None or self._int4mm_cache[0] != key:
             if self._released == "int4pack":
                 packed = self._int4mm_cache[1]  # the packed weight stays; only the scales and offsets are rebuilt
@@ -262,11 +258,7 @@ class QuantizedLinear(nn.Module):
 
         if self._released == "int4pack":
             self._restore_qweight()
-        if self._released == "columns":
-            key = (self._layout_device(), "columns", _version(self.scales), _version(self.zeros))
-        else:
-            key = (self.qweight.device, self.qweight.data_ptr(),
-                   *map(_version, (self.qweight, self.scales, self.zeros)))
+        key = self._cache_key("columns")
         if self._columns_cache is None or self._columns_cache[0] != key:
             if self._released == "columns":  # the words stay; only the scales and zeros are transposed again
                 words = self._columns_cache[1].words
@@ -278,6 +270,13 @@ class QuantizedLinear(nn.Module):
             if cols.words.is_cuda and self._released is None:
                 self._release_qweight("columns")
         return self._columns_cache[1]
+
+    def _cache_key(self, layout: str) -> tuple:
+        """What a cached kernel layout was built from: the uint8 buffer (device, address, versions) and the scales'
+        and zeros' versions; once released into `layout`, the integers cannot change, only the scales and zeros."""
+        if self._released == layout:
+            return (self._layout_device(), layout, _version(self.scales), _version(self.zeros))
+        return (self.qweight.device, self.qweight.data_ptr(), *map(_version, (self.qweight, self.scales, self.zeros)))
 
     def _layout_device(self) -> torch.device:
         return self._int4mm_cache[1].device if self._released == "int4pack" else self._columns_cache[1].words.device

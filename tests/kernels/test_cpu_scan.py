@@ -216,7 +216,7 @@ def test_fused_matches_reference_bf16(length, options):
 @needs_fused
 def test_fused_strided_inputs_and_threads(monkeypatch):
     """Non-contiguous (B, L, D)-major inputs, as the model's splits are, read in place through their strides;
-    several threads (rows handed out in blocks, B/C gradients reduced over threads) give the same result."""
+    several threads (rows handed out in blocks, B/C gradients reduced over channel slots) give the same result."""
     args, softplus = _inputs(2, 40, 16, 90, OPTIONS["all"])
     for name in ("u", "delta", "z", "B"):
         args[name] = args[name].transpose(1, 2).contiguous().transpose(1, 2)
@@ -233,6 +233,29 @@ def test_fused_strided_inputs_and_threads(monkeypatch):
     torch.testing.assert_close(three[1], one[1], rtol=0, atol=0)
     for name in one[2]:
         torch.testing.assert_close(three[2][name], one[2][name], rtol=1e-6, atol=1e-6)  # B, C: summation order
+
+
+@needs_fused
+def test_fused_backward_is_bitwise_reproducible_under_load():
+    """The B/C gradients are summed over fixed slots of channels, not over whichever thread ran which channels:
+    the same inputs give bitwise the same gradients however the threads are scheduled (here: 4 threads on this
+    machine's cores, with a busy process beside them), which bitwise-exact training resumes rely on."""
+    import subprocess
+    import sys
+
+    args, softplus = _inputs(2, 64, 16, 256, OPTIONS["all"])
+    threads = torch.get_num_threads()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    torch.set_num_threads(4)
+    try:
+        runs = [_run(selective_scan_fused, args, softplus)[2] for _ in range(12)]
+    finally:
+        torch.set_num_threads(threads)
+        busy.kill()
+        busy.wait()
+    for run in runs[1:]:
+        for name in runs[0]:
+            assert torch.equal(run[name], runs[0][name]), name
 
 
 @needs_fused

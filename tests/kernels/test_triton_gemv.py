@@ -194,6 +194,21 @@ def test_interpreted_modules_use_the_gemv_and_keep_one_copy(interpreted):
     assert mods["fp8_rows17_is_activation_quantized"]
 
 
+def test_int4_default_launch_shapes():
+    """The INT4 GEMV's launch shapes at the 2b preset's layers, as swept on the H200 (BENCHMARKS.md §5, sixth
+    session: each within 0-8% of the best of 60 shapes): 64 columns (32 for narrow N) × 512 inputs, ~2 programs
+    per SM (132 SMs; the interpreter mirrors an H200)."""
+    from moai_lib.kernels.triton_gemv import GemvConfig, default_config
+
+    cpu = torch.device("cpu")
+    expected = {(2048, 8192): GemvConfig(64, 512, 2, 4), (4096, 2048): GemvConfig(64, 512, 8, 4),
+                (2048, 12288): GemvConfig(64, 512, 1, 4), (6144, 2048): GemvConfig(64, 512, 6, 4),
+                (4096, 160): GemvConfig(32, 512, 8, 4)}
+    for (k, n), cfg in expected.items():
+        assert default_config("int4", 1, n, k, cpu) == cfg, (k, n)
+    assert default_config("int4", 1, 96, 64, cpu, group_size=32).block_k == 64  # no tile wider than K needs
+
+
 def test_explicit_triton_backend_that_cannot_run_is_an_error():
     from torch import nn
 

@@ -48,8 +48,10 @@ struct BwdArgs {
   int64_t batch, dim, len, dstate, np;
   int softplus;
   // gu, gdelta, gz (B, D, L) contiguous; gA (D, N); gD, gbias (D); gh0 (B, D, N);
-  // gBt, gCt per-thread partial sums (nthreads, B, L, NP), zeroed here.
+  // gBt, gCt partial sums (n_slots, B, L, NP), zeroed here: slot s sums channels [s·D/n_slots, (s+1)·D/n_slots)
+  // in order, so the result does not depend on which thread ran which channels (bitwise-reproducible training).
   float *gu, *gdelta, *gz, *gA, *gD, *gbias, *gh0, *gBt, *gCt;
+  int64_t n_slots;
 };
 
 // Runs fn(item, thread_id) for item in [0, n_items) on n_threads threads (the caller is thread 0), handing out
@@ -228,7 +230,7 @@ void parallel_items(int64_t n_items, int n_threads, int64_t block, F fn) {
                                                                                                              \
   /* One channel d, all batch rows (so gA, gD, gbias of d are written by one thread). */                     \
   template <int NV>                                                                                          \
-  static void bwd_channel(const BwdArgs& p, int64_t d, int tid) {                                            \
+  static void bwd_channel(const BwdArgs& p, int64_t d, int64_t slot) {                                       \
     const int64_t L = p.len, N = p.dstate, NP = 8 * NV, nC = (L + T - 1) / T;                                \
     constexpr int NW = 8 * NV / W; /* vectors per state */                                                   \
     const float bias = p.bias ? p.bias[d] : 0.0f, Dd = p.Dv ? p.Dv[d] : 0.0f;                                \
@@ -251,8 +253,8 @@ void parallel_items(int64_t n_items, int n_threads, int64_t block, F fn) {
       const float* gout = p.gout + b * p.sgout[0] + d * p.sgout[1];                                          \
       const float* Bt = p.Bt + b * L * NP;                                                                   \
       const float* Ct = p.Ct + b * L * NP;                                                                   \
-      float* gBt = p.gBt + (tid * p.batch + b) * L * NP;                                                     \
-      float* gCt = p.gCt + (tid * p.batch + b) * L * NP;                                                     \
+      float* gBt = p.gBt + (slot * p.batch + b) * L * NP;                                                    \
+      float* gCt = p.gCt + (slot * p.batch + b) * L * NP;                                                    \
       VF carry[NW]; /* a_{t+1} g_{t+1}: dL/dh_t from later steps */                                         \
       for (int64_t n = 0; n < NP; ++n) tmp[n] = (p.glast && n < N) ? p.glast[row * N + n] : 0.0f;             \
       for (int v = 0; v < NW; ++v) carry[v] = loadu(tmp + W * v);                                            \
@@ -354,11 +356,13 @@ void parallel_items(int64_t n_items, int n_threads, int64_t block, F fn) {
   static int backward(const BwdArgs& p, int n_threads) {                                                     \
     const int64_t part = p.batch * p.len * p.np;                                                             \
     auto run = [&](auto channel) {                                                                           \
-      parallel_items(n_threads, n_threads, 1, [&](int64_t i, int) {                                          \
-        __builtin_memset(p.gBt + i * part, 0, part * sizeof(float));                                         \
-        __builtin_memset(p.gCt + i * part, 0, part * sizeof(float));                                         \
+      /* Work items are slots (contiguous channel ranges, several per thread for balance): a slot's partial */ \
+      /* sums are written by one thread, channel after channel, whichever thread takes it.                  */ \
+      parallel_items(p.n_slots, n_threads, 1, [&](int64_t s, int) {                                          \
+        __builtin_memset(p.gBt + s * part, 0, part * sizeof(float));                                         \
+        __builtin_memset(p.gCt + s * part, 0, part * sizeof(float));                                         \
+        for (int64_t d = s * p.dim / p.n_slots; d < (s + 1) * p.dim / p.n_slots; ++d) channel(p, d, s);      \
       });                                                                                                    \
-      parallel_items(p.dim, n_threads, 4, [&](int64_t d, int tid) { channel(p, d, tid); });                  \
     };                                                                                                       \
     switch (p.np / 8) {                                                                                      \
       case 1: run(bwd_channel<1>); return 0;                                                                 \
