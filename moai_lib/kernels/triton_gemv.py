@@ -335,20 +335,33 @@ def _counter_buffer(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
 
 
-def _counters(device: torch.device, n_blocks: int) -> torch.Tensor:
+def split_k_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Split-K arrival counters for a layer of N outputs (enough for any block_n ≥ 8), zero: give a layer its own
+    (`counters=`) so that GEMVs of different layers or models never share them."""
+    return torch.zeros(triton.cdiv(n, 8), dtype=torch.int32, device=device)
+
+
+def _counters(device: torch.device, n_blocks: int, counters: torch.Tensor | None) -> torch.Tensor:
     """Split-K arrival counters, one per column block (zero between launches: the last program of a block resets
-    its own). One buffer per device, shared by launches on one stream (they run one after another, as in a
-    decode step); GEMVs running concurrently on several streams of one device would need one buffer each."""
-    if n_blocks > MAX_COLUMN_BLOCKS:
-        raise ValueError(f"GEMV: {n_blocks} column blocks exceed the {MAX_COLUMN_BLOCKS} split-K counters; use a "
-                         f"larger block_n")
-    return _counter_buffer(device)
+    its own). `counters` (a layer's own, `split_k_counters`) or one shared buffer per device. Launches that share
+    counters must not run concurrently (one stream: they run one after another, as in a decode step); two CUDA
+    graphs replayed concurrently on two streams must not share them: the modules pass their own."""
+    if counters is None:
+        if n_blocks > MAX_COLUMN_BLOCKS:
+            raise ValueError(f"GEMV: {n_blocks} column blocks exceed the {MAX_COLUMN_BLOCKS} split-K counters; use "
+                             f"a larger block_n")
+        return _counter_buffer(device)
+    if counters.dtype != torch.int32 or counters.device != device or counters.numel() < n_blocks:
+        raise ValueError(f"GEMV: counters must be ≥ {n_blocks} int32 zeros on {device} (`split_k_counters`), got "
+                         f"{counters.numel()} {counters.dtype} on {counters.device}")
+    return counters
 
 
 def int4_gemv(x: torch.Tensor, w: Int4Columns, bias: torch.Tensor | None = None,
-              config: GemvConfig | None = None, pdl: bool = False) -> torch.Tensor:
+              config: GemvConfig | None = None, pdl: bool = False,
+              counters: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · Ŵᵀ + bias, Ŵ = (q − z)·s: x (M, K) with M ≤ GEMV_MAX_ROWS, `w` the layer in `Int4Columns`, bias
-    (N,) or None → y (M, N) in x's dtype (fp32 accumulation). pdl: see `use_pdl`."""
+    (N,) or None → y (M, N) in x's dtype (fp32 accumulation). pdl: see `use_pdl`; counters: see `_counters`."""
     n, k = w.shape
     m = x.shape[0]
     if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= GEMV_MAX_ROWS:
@@ -370,7 +383,7 @@ def int4_gemv(x: torch.Tensor, w: Int4Columns, bias: torch.Tensor | None = None,
     pdl = use_pdl(x.device, pdl)
     with _on_device(x):
         _int4_gemv_kernel[(n_blocks, split_k)](
-            x, *w.tensors(), bias if bias is not None else out, out, part, _counters(x.device, n_blocks),
+            x, *w.tensors(), bias if bias is not None else out, out, part, _counters(x.device, n_blocks, counters),
             m, n, n_groups, tiles_per_split, split_k, x.stride(0), n,
             GROUP=group, HAS_BIAS=bias is not None, SPLIT=split_k > 1, EVEN_K=n_groups % gpt == 0,
             PREFETCH=cfg.prefetch, PDL=pdl, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n, GPT=gpt,
@@ -462,7 +475,8 @@ def _fp8_gemv_kernel(
 
 
 def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-             config: GemvConfig | None = None, pdl: bool = False) -> torch.Tensor:
+             config: GemvConfig | None = None, pdl: bool = False,
+             counters: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · (e4m3(qweight) · weight_scale)ᵀ + bias: x (M, K) with M ≤ GEMV_MAX_ROWS, qweight (N, K) uint8 E4M3
     bits, weight_scale (N, 1) or (N,) fp32, bias (N,) or None → y (M, N) in x's dtype (fp32 accumulation)."""
     n, k = qweight.shape
@@ -485,7 +499,7 @@ def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
     with _on_device(x):
         _fp8_gemv_kernel[(n_blocks, split_k)](
             x, qweight, weight_scale.reshape(n).float(), bias if bias is not None else out, out, part,
-            _counters(x.device, n_blocks),
+            _counters(x.device, n_blocks, counters),
             m, n, k, tiles_per_split, split_k, x.stride(0), k, n,
             HAS_BIAS=bias is not None, SPLIT=split_k > 1, EVEN_K=k % cfg.block_k == 0,
             PREFETCH=cfg.prefetch, PDL=pdl, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg.block_n,

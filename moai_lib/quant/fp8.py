@@ -151,6 +151,7 @@ class Float8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
         self._gemv_read: tuple | None = None  # the weights a GEMV last read (PDL from the second call on)
+        self._split_k_counters: torch.Tensor | None = None  # this layer's own (never shared with another layer)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, backend: str = "auto") -> Float8Linear:
@@ -186,14 +187,17 @@ class Float8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).contiguous()
         backend = resolve_fp8_backend(self.backend, x.device, shape_ok, rows=x2.shape[0], dtype=x.dtype)
         if backend == "triton":
-            from moai_lib.kernels.triton_gemv import fp8_gemv
+            from moai_lib.kernels.triton_gemv import fp8_gemv, split_k_counters
 
             # PDL (the launch overlaps the previous kernel, `kernels.pdl`) once an ordinary launch has read these
             # weights: whatever wrote them has then finished. (Inference tensors have no version counter: their
             # in-place writes are seen only through a new storage.)
             key = (self.qweight.data_ptr(), self.weight_scale.data_ptr(),
                    *(-1 if t.is_inference() else t._version for t in (self.qweight, self.weight_scale)))
-            y = fp8_gemv(x2, self.qweight, self.weight_scale, self.bias, pdl=key == self._gemv_read)
+            if self._split_k_counters is None or self._split_k_counters.device != x.device:
+                self._split_k_counters = split_k_counters(self.out_features, x.device)
+            y = fp8_gemv(x2, self.qweight, self.weight_scale, self.bias, pdl=key == self._gemv_read,
+                         counters=self._split_k_counters)
             self._gemv_read = key
             return y.reshape(*x.shape[:-1], self.out_features)
         xq, x_scale = quantize_rows_fp8(x2)

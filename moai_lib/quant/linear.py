@@ -77,6 +77,7 @@ class QuantizedLinear(nn.Module):
         self._int4mm_cache: tuple | None = None  # (key, tinygemm's packed weight, scales-and-offsets)
         self._columns_cache: tuple | None = None  # (key, the Triton GEMV's `Int4Columns`)
         self._columns_read = False  # a GEMV has read the cached columns: later GEMVs may use PDL (kernels.pdl)
+        self._split_k_counters: torch.Tensor | None = None  # this layer's own (never shared with another layer)
         # CUDA: qweight released, the integers live only in the "int4pack" or "columns" layout (one copy)
         self._released: str | None = None
         self.in_features, self.out_features = in_features, out_features
@@ -374,7 +375,9 @@ class QuantizedLinear(nn.Module):
         if x2.shape[0] <= INT4_GEMV_ROWS:
             # PDL (the launch overlaps the previous kernel) once a first, ordinary launch has read the columns:
             # whatever wrote them has then finished.
-            y = triton_gemv.int4_gemv(x2, cols, self.bias, pdl=self._columns_read)
+            if self._split_k_counters is None or self._split_k_counters.device != x.device:
+                self._split_k_counters = triton_gemv.split_k_counters(self.out_features, x.device)
+            y = triton_gemv.int4_gemv(x2, cols, self.bias, pdl=self._columns_read, counters=self._split_k_counters)
             self._columns_read = True
         else:
             w_t = triton_gemv.int4_dequantize_t(cols, x.dtype)  # Ŵᵀ (in, out)

@@ -141,6 +141,22 @@ def modules_report() -> dict:
     out["int4_strided_input"] = bool(torch.equal(layer(strided), layer(strided.contiguous())))
     out["auto_on_cpu"] = layer.__class__.from_float(linear, 4, 64, False).resolve_backend(torch.device("cpu"),
                                                                                         torch.bfloat16)
+    # Split-K inside a layer (K = 2048 → 4 programs along K for INT4, 8 for FP8), on the layer's own counters:
+    # right, and the counters are back at zero for the next call.
+    from moai_lib.kernels.triton_gemv import _counter_buffer
+
+    wide = nn.Linear(2048, 64, bias=True, dtype=torch.bfloat16)
+    x = torch.randn(1, 2048, dtype=torch.bfloat16)
+    for name, mod in (("int4", QuantizedLinear.from_float(wide, 4, 128, symmetric=False)),
+                      ("fp8", Float8Linear.from_float(wide, backend="triton"))):
+        mod.backend = "triton"
+        w = mod.dequantize_weight(torch.float32) if name == "int4" else mod.weight
+        y = mod(x)
+        out[f"{name}_split_own_counters"] = {
+            "excess": excess(y, x.float() @ w.T + wide.bias.float(), x.float().abs() @ w.abs().T, "bfloat16"),
+            "own": mod._split_k_counters is not None
+            and mod._split_k_counters.data_ptr() != _counter_buffer(torch.device("cpu")).data_ptr(),
+            "reset": not bool(mod._split_k_counters.any()), "again_equal": bool(torch.equal(mod(x), y))}
     fp8 = Float8Linear.from_float(nn.Linear(256, 96, bias=True, dtype=torch.bfloat16), backend="triton")
     x = torch.randn(2, 256, dtype=torch.bfloat16)
     ref = x.float() @ fp8.weight.T + fp8.bias.float()
@@ -192,6 +208,9 @@ def test_interpreted_modules_use_the_gemv_and_keep_one_copy(interpreted):
     assert mods["auto_on_cpu"] == "int4mm"  # auto: tinygemm where it applies (the GEMV only when asked for)
     assert mods["fp8_rows2"]["excess"] <= 1.0
     assert mods["fp8_rows17_is_activation_quantized"]
+    for name in ("int4", "fp8"):
+        r = mods[f"{name}_split_own_counters"]
+        assert r["excess"] <= 1.0 and r["own"] and r["reset"] and r["again_equal"], (name, r)
 
 
 def test_int4_default_launch_shapes():
@@ -207,6 +226,20 @@ def test_int4_default_launch_shapes():
     for (k, n), cfg in expected.items():
         assert default_config("int4", 1, n, k, cpu) == cfg, (k, n)
     assert default_config("int4", 1, 96, 64, cpu, group_size=32).block_k == 64  # no tile wider than K needs
+
+
+def test_split_k_counters_are_checked():
+    """A layer's own split-K counters (what `QuantizedLinear`/`Float8Linear` pass): int32 zeros, one per column
+    block at the narrowest block_n; the wrong size, dtype or device is refused with the fix."""
+    from moai_lib.kernels.triton_gemv import _counters, split_k_counters
+
+    cpu = torch.device("cpu")
+    own = split_k_counters(100, cpu)
+    assert own.dtype == torch.int32 and own.numel() == 13 and not own.any()
+    assert _counters(cpu, 13, own) is own
+    for bad in (torch.zeros(4, dtype=torch.int32), own.long()):
+        with pytest.raises(ValueError, match="counters must be ≥ 13 int32 zeros on cpu"):
+            _counters(cpu, 13, bad)
 
 
 def test_explicit_triton_backend_that_cannot_run_is_an_error():
