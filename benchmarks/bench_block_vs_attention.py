@@ -16,7 +16,13 @@ With `--checkpoint-every K` (a power of two >= 64) a row 'mamba (ours, checkpoin
 same block and weights with `scan_checkpoint_every=K` (the scan saves its state every K steps instead of every 4:
 less memory, one more forward in the backward; `moai_lib.kernels.triton_scan`), validated like ours.
 
-    python benchmarks/bench_block_vs_attention.py [--lengths 512,2048,8192,32768] [--checkpoint-every 256]
+With `--graphs` every block's forward+backward is also captured in one CUDA graph per length (static x and dy)
+and replayed: the GPU's time without the host's launch overhead, which at B=1 and short L is most of an eager
+step (each Triton launch costs tens of µs of Python). The replay's input gradient is checked against the eager
+one (scaled error, same --tol) before it is timed. mamba-ssm's block is captured last: a failed capture leaves
+the process unable to capture again.
+
+    python benchmarks/bench_block_vs_attention.py [--lengths 512,2048,8192,32768] [--checkpoint-every 256] [--graphs]
 """
 
 from __future__ import annotations
@@ -127,6 +133,55 @@ def validate(blocks, d, device, length: int = 256, checkpoint_every: int = 0) ->
     return errors
 
 
+def graphed_step(fn, x, dy):
+    """(replay, x.grad after one replay): fn(x).backward(dy) captured in a CUDA graph after a warm-up on a side
+    stream (the whole-network capture of torch's CUDA-graph notes)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            x.grad = None
+            fn(x).backward(dy)
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x).backward(dy)  # x.grad is allocated in the graph's pool and rewritten by every replay
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph.replay, x.grad.detach().clone()
+
+
+def time_graphs(blocks, timed, lengths, d, device, tol) -> list:
+    """Rows of replayed fwd+bwd graphs; each validated against the eager input gradient first."""
+    rows = []
+    order = sorted(timed, key=lambda n: n == "mamba-ssm")  # mamba-ssm last (see the module docstring)
+    for length in lengths:
+        g = torch.Generator(device=device).manual_seed(2)
+        x = torch.randn(1, length, d, device=device, generator=g).to(torch.bfloat16).requires_grad_()
+        dy = torch.randn(1, length, d, device=device, generator=g).to(torch.bfloat16)
+        for name in order:
+            row = {"block": name, "L": length, "graph": True}
+            try:
+                blocks[name](x).backward(dy)
+                eager = x.grad.detach().clone()
+                x.grad = None
+                replay, replayed = graphed_step(blocks[name], x, dy)
+                row["scaled_error_vs_eager"] = scaled_error(replayed, eager)
+                if not row["scaled_error_vs_eager"] <= tol:
+                    row["error"] = f"replay differs from eager: scaled error {row['scaled_error_vs_eager']:.2e}"
+                else:
+                    row["ms"] = time_ms(replay, warmup=2)
+            except Exception as exc:  # capture not supported, out of memory
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            x.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, default=2048)
@@ -136,6 +191,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=5e-2)
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="also time our block with the scan's sparse checkpoints every this many steps (0: no)")
+    p.add_argument("--graphs", action="store_true", help="also time each block's fwd+bwd replayed as a CUDA graph")
     p.add_argument("--out", default=os.path.join(RESULTS, "block_vs_attention.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -147,7 +203,8 @@ def main() -> None:
     errors = validate(blocks, args.d, device, checkpoint_every=args.checkpoint_every)
     timed = [n for n in blocks if not n.startswith("_")]
     rows = []
-    for length in [int(v) for v in args.lengths.split(",")]:
+    lengths = [int(v) for v in args.lengths.split(",")]
+    for length in lengths:
         x = torch.randn(1, length, args.d, device=device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
         for name in timed:
@@ -166,19 +223,24 @@ def main() -> None:
                 torch.cuda.empty_cache()
             print(row, flush=True)
             rows.append(row)
+    if args.graphs:
+        rows += time_graphs(blocks, timed, lengths, args.d, device, args.tol)
     print(f"\nB=1, d={args.d}, attention {args.heads}x{args.head_dim}, bf16, fwd+bwd\n")
     print("| L | block | ms | vs attention | peak GiB | activations GiB |")
     print("|---|---|---|---|---|---|")
-    attn = {r["L"]: r for r in rows if r["block"] == "attention (SDPA)" and "ms" in r}
+    attn = {(r["L"], r.get("graph", False)): r for r in rows if r["block"] == "attention (SDPA)" and "ms" in r}
     for r in rows:
+        name = r["block"] + (" (CUDA graph)" if r.get("graph") else "")
         if "ms" not in r:
-            print(f"| {r['L']} | {r['block']} | {r['error'][:60]} | | | |")
+            print(f"| {r['L']} | {name} | {r['error'][:60]} | | | |")
             continue
-        a = attn.get(r["L"])
+        a = attn.get((r["L"], r.get("graph", False)))
         vs = f"{a['ms'] / r['ms']:.2f}x" if a else "-"
-        print(f"| {r['L']} | {r['block']} | {r['ms']:.3f} | {vs} | {r['peak_gib']:.2f} | {r['activations_gib']:.2f} |")
+        mem = f"{r['peak_gib']:.2f} | {r['activations_gib']:.2f}" if "peak_gib" in r else "- | -"
+        print(f"| {r['L']} | {name} | {r['ms']:.3f} | {vs} | {mem} |")
     write_json(args.out, {"shape": {"batch": 1, "d": args.d, "heads": args.heads, "head_dim": args.head_dim,
-                                    "dtype": "bfloat16", "checkpoint_every": args.checkpoint_every},
+                                    "dtype": "bfloat16", "checkpoint_every": args.checkpoint_every,
+                                    "graphs": args.graphs},
                           "mamba_ssm": ms if isinstance(ms, str) else "available",
                           "validation_scaled_error": errors, "rows": rows})
 

@@ -65,7 +65,10 @@ BWD_SWEEP_SMALL = [(8, 4, 1), (4, 4, 1), (8, 2, 1), (4, 2, 1), (16, 4, 2, 2)]
 # results/scan_sweep_channels_last.txt): forward (64, 4, 2), (128, 4, 4), (64, 4, 1); backward (32, 4, 2, 2),
 # (64, 4, 4, 2). The defaults are always timed too.
 FWD_SWEEP_CL = [(32, 8, 1), (16, 8, 1)]
-BWD_SWEEP_CL = [(32, 4, 1, 4), (32, 2, 1, 4), (16, 2, 1, 2)]
+BWD_SWEEP_CL = [(32, 4, 1, 4), (16, 8, 1, 2), (8, 8, 1), (8, 4, 1), (16, 4, 2, 2), (16, 2, 1, 2)]
+# Forward shapes timed forward+backward (mode "fwd_train": the forward that also writes the backward's
+# checkpoints, every 4 steps, from inside its 8-step chunks), with the default backward.
+FWD_TRAIN_SWEEP_CL = [(32, 8, 1), (16, 8, 1)]
 
 
 def channels_last(inputs: dict) -> dict:
@@ -239,18 +242,22 @@ def sweep(args) -> tuple[tuple, tuple, list]:
     small = args.batch * args.dim < 1024 * 16  # default_configs' narrow regime
     fwd_shapes, bwd_shapes = (FWD_SWEEP_SMALL, BWD_SWEEP_SMALL) if small else (FWD_SWEEP, BWD_SWEEP)
     cl = args.sweep_channels_last
-    if cl and not small:
-        fwd_shapes, bwd_shapes = FWD_SWEEP_CL, BWD_SWEEP_CL
-    for mode, shapes in (("fwd", fwd_shapes), ("bwd", bwd_shapes)):  # the defaults are always among the timed
-        default = astuple(default_fwd if mode == "fwd" else default_bwd)
+    modes = [("fwd", fwd_shapes), ("bwd", bwd_shapes)]
+    if cl:
+        default_fwd, default_bwd = default_configs(args.batch, args.dim, args.dstate, channels_last=True)
+        if not small:
+            modes = [("fwd", FWD_SWEEP_CL), ("fwd_train", FWD_TRAIN_SWEEP_CL), ("bwd", BWD_SWEEP_CL)]
+    for mode, shapes in modes:  # the defaults are always among the timed
+        default = astuple(default_bwd if mode == "bwd" else default_fwd)
         if default not in shapes:
             shapes.insert(0, default)
-    for mode, shapes in (("fwd", fwd_shapes), ("bwd", bwd_shapes)):
+    best["fwd_train"] = (astuple(default_fwd), math.inf)
+    for mode, shapes in modes:
         for shape in shapes:
             cfg = ScanConfig(*shape)
-            kw = {"fwd_config": cfg} if mode == "fwd" else {"bwd_config": cfg}
+            kw = {"bwd_config": cfg} if mode == "bwd" else {"fwd_config": cfg}
             fn = lambda _kw=kw, **inp: selective_scan_triton(**inp, **_kw)  # noqa: E731
-            default = astuple(default_fwd if mode == "fwd" else default_bwd)
+            default = astuple(default_bwd if mode == "bwd" else default_fwd)
             row = {"pass": mode, "config": shape, "default": tuple(shape) == default}
             row["error"] = validate(CHANNELS_LAST if cl else f"triton {shape}", fn)
             if row["error"] is None:

@@ -12,7 +12,8 @@
 #   3. Once it is installed: the scan, training, generation and block-vs-attention benchmarks, each with its
 #      mamba-ssm rows in the same process. A benchmark whose anchor failed to build still runs (its rows say so).
 # Each benchmark writes JSON into $OUT; `gpu_all_status.json` records every step's exit status and seconds.
-# CHECKPOINT_EVERY=256 adds the scan's sparse-checkpoint rows to the training, block and batch-1 scan benchmarks.
+# CHECKPOINT_EVERY=256 adds the scan's sparse-checkpoint rows to the training, block and batch-1 scan benchmarks;
+# BLOCK_GRAPHS=1 also times each block's forward+backward replayed as a CUDA graph.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 LIMIT=${LIMIT:-590}
@@ -90,7 +91,7 @@ step train 60 $PY benchmarks/bench_train_gpu.py --presets "${TRAIN_PRESETS:-130m
   ${CHECKPOINT_EVERY:+--checkpoint-every $CHECKPOINT_EVERY} --out "$OUT/train_gpu.json"
 step generate 60 $PY benchmarks/bench_generate_gpu.py --out "$OUT/generate_gpu.json"
 step block 40 $PY benchmarks/bench_block_vs_attention.py ${CHECKPOINT_EVERY:+--checkpoint-every $CHECKPOINT_EVERY} \
-  --out "$OUT/block_vs_attention.json"
+  ${BLOCK_GRAPHS:+--graphs} --out "$OUT/block_vs_attention.json"
 step scan_b1 40 $PY benchmarks/bench_scan_gpu.py --batch 1 --lengths 2048,32768 \
   ${CHECKPOINT_EVERY:+--checkpoint-every $CHECKPOINT_EVERY} --out "$OUT/scan_gpu_b1.json"
 echo "${STATUS}\"seconds\": $(elapsed)}" > "$OUT/gpu_all_status.json"

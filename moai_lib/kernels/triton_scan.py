@@ -193,25 +193,27 @@ class ScanConfig:
 _MIN_PROGRAMS = 1024
 
 
-def default_configs(batch: int, dim: int, dstate: int = 16, channels_last: bool = False,
-                    inference: bool = False) -> tuple[ScanConfig, ScanConfig]:
+def default_configs(batch: int, dim: int, dstate: int = 16,
+                    channels_last: bool = False) -> tuple[ScanConfig, ScanConfig]:
     """(forward, backward) launch shapes for the H200. Chosen from static SASS counts (Triton 3.6, sm_90; see the
     module docstring) and the sweeps of `benchmarks/bench_scan_gpu.py --sweep`.
     Narrower blocks for small batch*dim keep enough programs in flight. N <= 16: chunks of T = 64/N steps
     (T*N = 64 values per channel); N > 16: proportionally fewer channels per program, so that the freed lanes
-    take the extra states and each thread keeps at most 16. One exception, measured: a forward without a
-    backward (`inference`) on channels-last inputs (the mixer's layout) with 16 or 32 channels per program takes
-    chunks of 8 steps at N=16, twice the loads in flight per thread on the strided time axis (L=2K on the H200:
-    B=8, D=4096 1.05 instead of 1.49 ms; B=8, D=2048 0.90 instead of 1.18 ms; BENCHMARKS.md section 1)."""
+    take the extra states and each thread keeps at most 16. One exception, measured: channels-last inputs (the
+    mixer's layout) in the wide regime at N=16 take chunks of 8 steps, forward and backward: twice the loads in
+    flight per thread on the strided time axis. H200, L=2K (BENCHMARKS.md section 1): forward alone B=8, D=4096
+    1.05 instead of 1.49 ms, B=8, D=2048 0.90 instead of 1.18 ms; at the 370m training shape (B=8, D=2048,
+    seventh session) forward+backward 2.95 instead of 3.16 ms with the forward at T=8 and 3.23 instead of 3.31
+    with the backward at T=8, which also halves the saved states (4*N/T bytes per element)."""
     n = max(2, triton.next_power_of_2(dstate))
     shrink = max(1, n // 16)
     block_l = 64 // min(n, 16)
     channels = batch * dim
     fwd_bd = next((bd for bd in (32, 16) if channels // bd >= _MIN_PROGRAMS), 8)
-    long_chunks = channels_last and inference and fwd_bd >= 16 and n == 16
+    long_chunks = channels_last and fwd_bd >= 16 and n == 16
     fwd = ScanConfig(max(1, fwd_bd // shrink), 2 * block_l if long_chunks else block_l)
     if channels // 16 >= _MIN_PROGRAMS:
-        bwd = ScanConfig(max(2, 16 // shrink), block_l, d_regs=2)
+        bwd = ScanConfig(max(2, 16 // shrink), 2 * block_l if long_chunks else block_l, d_regs=2)
     else:
         bwd = ScanConfig(max(1, 8 // shrink), block_l)
     return fwd, bwd
@@ -827,10 +829,8 @@ def selective_scan_triton(
         raise ValueError(f"segment_len must be an int >= 0 (0: do not split L), got {segment_len!r}")
     split = 0 < segment_len < length
     # Split: each launch scans batch x segments rows, and gets the launch shape of that many rows.
-    inference = not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)))
     default_fwd, default_bwd = default_configs(batch * (triton.cdiv(length, segment_len) if split else 1), dim,
-                                               dstate, channels_last=_channels_last(u), inference=inference)
+                                               dstate, channels_last=_channels_last(u))
     fwd_config, bwd_config = fwd_config or default_fwd, bwd_config or default_bwd
     if checkpoint_every is not None:
         bwd_config = dataclasses.replace(bwd_config, checkpoint_every=checkpoint_every)

@@ -43,6 +43,8 @@ SCAN_CASES = {
     "mixed_layouts_L9": (2, 8, 4, 9, (4, 4, 1, 1), (8, 4, 1, 2), "float32", dict(h0=False),
                          dict(u="contig", delta="slice", z="cl", B="contig", C="cl")),
     "model_bf16_L33": (2, 8, 16, 33, (8, 8, 1, 1), (8, 4, 1, 2), "bfloat16", {}, MODEL_LAYOUT),
+    # The wide regime's channels-last shapes (`default_configs`): chunks of 8 steps forward and backward.
+    "model_L33_T8_both": (2, 16, 16, 33, (16, 8, 1, 1), (16, 8, 1, 2), "float32", {}, MODEL_LAYOUT),
 }
 
 # (B, D, L, W, bias, initial_states, activation, dtype, layout of x). Here the conv's tiles are 128 channels by 32
@@ -221,14 +223,16 @@ requires_cuda = pytest.mark.skipif(
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_channels_last_scan_matches_reference(dtype):
-    """E=2048-wide channels-last views (the 370m mixer's layout) at L=300: ours vs the sequential reference on
-    the same inputs, in fp32 (fp32: 1e-4 scaled error; bf16: the reference on the bf16-valued inputs in fp32,
-    2^-6 scaled error: gradients rounded to bf16)."""
+@pytest.mark.parametrize("batch", [2, 8])
+def test_cuda_channels_last_scan_matches_reference(dtype, batch):
+    """E=2048-wide channels-last views (the 370m mixer's layout) at L=300 with the default launch shapes (B=2: the
+    narrow regime; B=8: the wide one, chunks of 8 steps): ours vs the sequential reference on the same inputs, in
+    fp32 (fp32: 1e-4 scaled error; bf16: the reference on the bf16-valued inputs in fp32, 2^-6 scaled error:
+    gradients rounded to bf16)."""
     from moai_lib.kernels.reference import selective_scan_ref
     from moai_lib.kernels.triton_scan import selective_scan_triton
 
-    inputs, grads, softplus = make_scan_inputs(2, 2048, 16, 300, getattr(torch, dtype), {}, device="cuda")
+    inputs, grads, softplus = make_scan_inputs(batch, 2048, 16, 300, getattr(torch, dtype), {}, device="cuda")
     strided = dict(inputs)
     for i, (name, layout) in enumerate(MODEL_LAYOUT.items()):
         strided[name] = in_layout(inputs[name], layout, seed=i)

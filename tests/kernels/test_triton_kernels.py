@@ -258,7 +258,7 @@ def test_triton_is_a_valid_backend_and_config_value():
 
 def test_default_launch_shapes():
     """The launch shapes `selective_scan_triton` picks (`default_configs`), as measured on the H200 (BENCHMARKS.md
-    section 1): wide and narrow regimes, and chunks of 8 steps only for a channels-last forward without backward."""
+    section 1): wide and narrow regimes, and chunks of 8 steps for channels-last inputs in the wide regime."""
     pytest.importorskip("triton")
     from moai_lib.kernels.triton_scan import ScanConfig, default_configs
 
@@ -266,11 +266,9 @@ def test_default_launch_shapes():
     assert default_configs(8, 2048) == (ScanConfig(16, 4), ScanConfig(16, 4, d_regs=2))
     assert default_configs(1, 4096) == (ScanConfig(8, 4), ScanConfig(8, 4))
     for batch, dim, block_d in ((8, 4096, 32), (8, 2048, 16)):
-        fwd, bwd = default_configs(batch, dim, channels_last=True, inference=True)
-        assert (fwd.block_d, fwd.block_l) == (block_d, 8) and bwd == default_configs(batch, dim)[1]
-        assert default_configs(batch, dim, channels_last=True)[0].block_l == 4  # the backward reads T=4 states
-        assert default_configs(batch, dim, inference=True)[0].block_l == 4  # contiguous: T=4 was faster
-    assert default_configs(1, 4096, channels_last=True, inference=True)[0] == ScanConfig(8, 4)  # not measured
+        assert default_configs(batch, dim, channels_last=True) == (ScanConfig(block_d, 8), ScanConfig(16, 8, d_regs=2))
+    assert default_configs(1, 4096, channels_last=True) == (ScanConfig(8, 4), ScanConfig(8, 4))  # not measured
+    assert default_configs(8, 2048, dstate=32, channels_last=True)[0].block_l == 4  # N > 16: unchanged
 
 
 def test_explicit_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
