@@ -41,15 +41,20 @@ from .reference import causal_conv1d_ref
 from .triton_scan import _on_device, _strides, empty_in_layout
 
 MAX_WIDTH = 4  # the kernels unroll W^2 shifted loads; mamba's conv is W = 4
-# Tiles of 128 channels by 16 steps (forward) or 8 steps (backward), 4 warps. Compiled offline for sm_90
-# (`cuobjdump -res-usage`; W = 4, bf16, SiLU): Triton 3.6 (the GPU machine's) forward 64 registers, backward 144,
-# no spills, ~720 and ~1600 SASS instructions per tile. With Triton 3.9, 64-step tiles spill (forward 584 B of
-# stack, backward 7 KB), and so do 16-step backward tiles (208 B).
+# Forward: tiles of 128 channels by 16 steps, 4 warps (Triton 3.6 on sm_90, `cuobjdump -res-usage`: 64 registers,
+# no spills, ~720 SASS instructions per tile; 2.5 TB/s on the H200). Backward: tiles of 32 channels by 8 steps,
+# one warp, 16 tiles per program (fewer dweight/dbias partial sums). Measured on the H200 (seventh session, ad-hoc
+# sweep of 20 shapes, BENCHMARKS.md section 2; bf16, W = 4, SiLU, channels-last x and dout): B=1, E=4096, L=32K
+# 1.22 ms, and B=8, E=2048, L=2K (the 370m training shape) 0.35 ms, where the forward's shape (128 channels,
+# 4 warps) took 3.71 and 1.00 ms: the tile's sums over time for dweight cross warps there (shared memory and
+# barriers, 4 per tile); in one warp they stay in registers and shuffles. With Triton 3.9, 64-step tiles spill.
 _BLOCK_D = 128
 _FWD_BLOCK_L = 16
-_BWD_BLOCK_L = 8
-_BWD_TILES = 16  # tiles per backward program (128 steps): fewer dweight/dbias partial sums (4 MB at 370m)
 _NUM_WARPS = 4
+_BWD_BLOCK_D = 32
+_BWD_BLOCK_L = 8
+_BWD_TILES = 16  # tiles per backward program (128 steps)
+_BWD_NUM_WARPS = 1
 
 
 class ConvArgumentError(MoaiError, ValueError):
@@ -190,8 +195,8 @@ def _conv_bwd_kernel(
         tl.store(dbias_ptr + part * dim + d64, dbias, mask=mask_d)
 
 
-def _grid(batch: int, dim: int, length: int, block_l: int):
-    return (triton.cdiv(length, block_l), triton.cdiv(dim, _BLOCK_D), batch)
+def _grid(batch: int, dim: int, length: int, block_l: int, block_d: int):
+    return (triton.cdiv(length, block_l), triton.cdiv(dim, block_d), batch)
 
 
 class _CausalConv1dTritonFn(torch.autograd.Function):
@@ -206,7 +211,7 @@ class _CausalConv1dTritonFn(torch.autograd.Function):
         out = x.new_empty((batch, length, dim)).transpose(1, 2)  # (B, D, L) view of (B, L, D) memory
         silu = activation is not None
         with _on_device(x):
-            _conv_fwd_kernel[_grid(batch, dim, length, _FWD_BLOCK_L)](
+            _conv_fwd_kernel[_grid(batch, dim, length, _FWD_BLOCK_L, _BLOCK_D)](
                 x, w, b, initial_states, out, dim, length, *_strides(x, initial_states, out),
                 WIDTH=width, HAS_BIAS=b is not None, HAS_INIT=initial_states is not None, SILU=silu,
                 BLOCK_L=_FWD_BLOCK_L, BLOCK_D=_BLOCK_D, num_warps=_NUM_WARPS,
@@ -227,11 +232,11 @@ class _CausalConv1dTritonFn(torch.autograd.Function):
         dw = x.new_empty((batch * n_lblocks, dim, width_p2), dtype=torch.float32)
         db = x.new_empty((batch * n_lblocks, dim), dtype=torch.float32) if b is not None else None
         with _on_device(x):
-            _conv_bwd_kernel[_grid(batch, dim, length, _BWD_BLOCK_L * _BWD_TILES)](
+            _conv_bwd_kernel[_grid(batch, dim, length, _BWD_BLOCK_L * _BWD_TILES, _BWD_BLOCK_D)](
                 x, w, b, init, dout, dx, dw, db, dim, length, n_lblocks, *_strides(x, init, dout, dx),
                 WIDTH=width, WIDTH_P2=width_p2, HAS_BIAS=b is not None, HAS_INIT=init is not None,
-                SILU=ctx.activation is not None, BLOCK_L=_BWD_BLOCK_L, BLOCK_D=_BLOCK_D, TILES=_BWD_TILES,
-                num_warps=_NUM_WARPS,
+                SILU=ctx.activation is not None, BLOCK_L=_BWD_BLOCK_L, BLOCK_D=_BWD_BLOCK_D, TILES=_BWD_TILES,
+                num_warps=_BWD_NUM_WARPS,
             )
         dinit = None
         if init is not None and ctx.needs_input_grad[3]:

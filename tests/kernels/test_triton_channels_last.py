@@ -47,9 +47,9 @@ SCAN_CASES = {
     "model_L33_T8_both": (2, 16, 16, 33, (16, 8, 1, 1), (16, 8, 1, 2), "float32", {}, MODEL_LAYOUT),
 }
 
-# (B, D, L, W, bias, initial_states, activation, dtype, layout of x). Here the conv's tiles are 128 channels by 32
-# steps, a backward program walks 2 tiles: L = 70 and D = 130 span several tiles and programs (conv halos across
-# tiles and programs, dweight/dbias partial sums from several programs, a program with a partial tile).
+# (B, D, L, W, bias, initial_states, activation, dtype, layout of x). Here the conv's tiles are 128 channels (64 in
+# the backward) by 32 steps, a backward program walks 2 tiles: L = 70 and D = 130 span several tiles and programs
+# (conv halos across tiles and programs, dweight/dbias partial sums from several programs, a partial tile).
 CONV_CASES = {
     "W4_silu_bias_init_L70_D130": (2, 130, 70, 4, True, True, "silu", "float32", "slice"),
     "W4_silu_bias_L37": (2, 6, 37, 4, True, False, "silu", "float32", "slice"),
@@ -159,11 +159,12 @@ def _subprocess_main(group: str) -> None:
     if group == "scan":
         result = {case: _scan_errors(case) for case in SCAN_CASES}
     else:
-        # Longer conv tiles than on the GPU (the interpreter's cost is per program and op, not per element):
-        # forward 32 steps, backward programs of 2 tiles of 32. The GPU tests run the real ones.
+        # Larger conv tiles than on the GPU (the interpreter's cost is per program and op, not per element):
+        # forward 32 steps, backward programs of 2 tiles of 64 channels by 32 steps. The GPU tests run the real ones.
         from moai_lib.kernels import triton_conv
 
         triton_conv._FWD_BLOCK_L, triton_conv._BWD_BLOCK_L, triton_conv._BWD_TILES = 32, 32, 2
+        triton_conv._BWD_BLOCK_D = 64
         result = {"conv": {case: _conv_errors(case) for case in CONV_CASES}, "dispatch": _dispatch_report()}
     print(json.dumps(result))
 
