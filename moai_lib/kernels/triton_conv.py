@@ -18,11 +18,12 @@ channels-last scan read in place.
 Napkin math, bytes per (b, d, t) element, s = bytes of the dtype (2 for bf16); 370m preset, B=8, L=2048, E=2048:
 33.5M elements, HBM ~4 TB/s (copy bandwidth measured on the H200).
 - forward: read x + write out = 2s = 4 B (134 MB, >= 34 us). The W shifted reads of a tile hit L1/L2.
-- backward: read x, dout + write dx = 3s = 6 B (201 MB, >= 50 us). The pre-activation is recomputed (W FMAs per
-  element per shift) instead of stored (which would cost another 2s written and read). dx_t needs
-  dpre_{t..t+W-1}, so the backward recomputes pre at W shifts: W^2 <= 16 loads per element, all but one from
-  cache. dweight and dbias are reduced over the tile in registers and written as fp32 partial sums per
-  (batch row, time block) (B * L/T * D * W * 4 bytes: 2 MB at T = 64, ~1% of the traffic), summed by torch.
+- backward: read x, dout + write dx = 3s = 6 B (201 MB, >= 50 us; measured 0.24 ms, so it is bound by its
+  ~40 instructions per element, not by HBM). The pre-activation is recomputed (W loads and FMAs per element)
+  instead of stored (which would cost another 2s written and read), once per element plus the tile's halo:
+  dx_t needs dpre_{t..t+W-1}, gathered from the tile's registers. dweight and dbias are reduced over the tile in
+  registers and written as fp32 partial sums per (batch row, time block) (B * L/116 * D * W * 4 bytes: 4.6 MB at
+  370m, ~2% of the traffic), summed by torch.
 - the torch path (pad, fp32 copy, conv, slice, SiLU, cast; and its backward in fp32) moves ~5x more.
 
 The final states (`return_final_states`: the last W-1 inputs, the decode cache) are a (B, D, W-1) slice taken by
@@ -40,20 +41,20 @@ from ..errors import MoaiError
 from .reference import causal_conv1d_ref
 from .triton_scan import _on_device, _strides, empty_in_layout
 
-MAX_WIDTH = 4  # the kernels unroll W^2 shifted loads; mamba's conv is W = 4
+MAX_WIDTH = 4  # the kernels unroll W shifted loads per tile; mamba's conv is W = 4
 # Forward: tiles of 128 channels by 16 steps, 4 warps (Triton 3.6 on sm_90, `cuobjdump -res-usage`: 64 registers,
-# no spills, ~720 SASS instructions per tile; 2.5 TB/s on the H200). Backward: tiles of 32 channels by 8 steps,
-# one warp, 16 tiles per program (fewer dweight/dbias partial sums). Measured on the H200 (seventh session, ad-hoc
-# sweep of 20 shapes, BENCHMARKS.md section 2; bf16, W = 4, SiLU, channels-last x and dout): B=1, E=4096, L=32K
-# 1.22 ms, and B=8, E=2048, L=2K (the 370m training shape) 0.35 ms, where the forward's shape (128 channels,
-# 4 warps) took 3.71 and 1.00 ms: the tile's sums over time for dweight cross warps there (shared memory and
-# barriers, 4 per tile); in one warp they stay in registers and shuffles. With Triton 3.9, 64-step tiles spill.
+# no spills, ~720 SASS instructions per tile; 2.5 TB/s on the H200). Backward: tiles of 32 channels by 32 steps
+# (29 owned at W = 4), one warp, 4 tiles per program. Measured on the H200 (seventh session, ad-hoc sweeps,
+# BENCHMARKS.md section 2; bf16, W = 4, SiLU, channels-last x and dout), B=1, E=4096, L=32K / B=8, E=2048, L=2K
+# (the 370m training shape): 0.86 / 0.24 ms. The earlier backward, which recomputed the pre-activation at each of
+# the W shifts (4 sigmoids per element), took 3.71 / 1.00 ms in the forward's shape (128 channels, 4 warps: the
+# dweight sums over time crossed warps, through shared memory) and 1.23 / 0.34 ms in one warp of 32 channels.
 _BLOCK_D = 128
 _FWD_BLOCK_L = 16
 _NUM_WARPS = 4
 _BWD_BLOCK_D = 32
-_BWD_BLOCK_L = 8
-_BWD_TILES = 16  # tiles per backward program (128 steps)
+_BWD_BLOCK_L = 32
+_BWD_TILES = 4  # tiles per backward program (116 steps at W = 4)
 _BWD_NUM_WARPS = 1
 
 
@@ -125,6 +126,21 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
+def _x_shifted(x_ptr, x_row, init_ptr, init_row, t, shift, length, mask_d, sx_l, si_l,
+               WIDTH: tl.constexpr, HAS_INIT: tl.constexpr):
+    # x_{t - shift} for a (T, BD) tile of times t, fp32; before step 0 from initial_states (the W-1 inputs before
+    # x, cast to x's dtype first, as the reference does), else 0.
+    pos = t - shift
+    m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
+    xv = tl.load(x_ptr + x_row[None, :] + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
+    if HAS_INIT:
+        mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
+        iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1)[:, None] * si_l, mask=mi, other=0.0)
+        xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return xv
+
+
+@triton.jit
 def _conv_bwd_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, dout_ptr, dx_ptr, dw_ptr, dbias_ptr,
     dim, length, n_lblocks,
@@ -133,8 +149,13 @@ def _conv_bwd_kernel(
     SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr,
 ):
     # dout: (B, D, L) strides sg_*; dx: strides sdx_*; dw: (B * n_lblocks, D, WIDTH_P2) fp32 partial sums;
-    # dbias: (B * n_lblocks, D) fp32 partial sums. Grid: (L / (TILES * T), D / BD, B); a program walks TILES tiles.
+    # dbias: (B * n_lblocks, D) fp32 partial sums. A program walks TILES tiles.
     #   dpre_t = dout_t * silu'(pre_t);  dx_t = sum_j w_{W-1-j} dpre_{t+j};  dw_k = sum_t dpre_t x_{t-W+1+k}
+    # Each pre-activation gradient is computed once: a tile covers T steps and owns (writes dx for, sums dweight
+    # over) its first S = T - (W-1); the rest is the halo its owned steps read, taken from the tile itself by
+    # `tl.gather` along time. Tiles advance by S steps (the next tile recomputes the halo: T/S of the work, 1.10x
+    # at T=32, W=4), and the W shifted inputs are loaded once for both the pre-activation and dweight.
+    # Grid: (L / (TILES * S), D / BD, B).
     pid_l = tl.program_id(0)
     pid_b = tl.program_id(2).to(tl.int64)
     x_ptr += pid_b * sx_b  # 64-bit batch offsets in the base pointers; offsets inside a batch row are 32-bit
@@ -142,57 +163,85 @@ def _conv_bwd_kernel(
         init_ptr += pid_b * si_b
     dout_ptr += pid_b * sg_b
     dx_ptr += pid_b * sdx_b
+    S: tl.constexpr = BLOCK_L - (WIDTH - 1)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, BLOCK_L)
     offs_w = tl.arange(0, WIDTH_P2)
     mask_d = offs_d < dim
     d64 = offs_d.to(tl.int64)
     x_row, init_row = offs_d * sx_d, offs_d * si_d
     g_row, dx_row = offs_d * sg_d, offs_d * sdx_d
+    # w_k for the W taps (k = 0 reads the oldest input), fp32
+    w0 = tl.load(w_ptr + offs_d * WIDTH, mask=mask_d, other=0.0).to(tl.float32)
+    if WIDTH > 1:
+        w1 = tl.load(w_ptr + offs_d * WIDTH + 1, mask=mask_d, other=0.0).to(tl.float32)
+    if WIDTH > 2:
+        w2 = tl.load(w_ptr + offs_d * WIDTH + 2, mask=mask_d, other=0.0).to(tl.float32)
+    if WIDTH > 3:
+        w3 = tl.load(w_ptr + offs_d * WIDTH + 3, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
     dw = tl.zeros([BLOCK_D, WIDTH_P2], dtype=tl.float32)
     dbias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    start = pid_l * TILES * BLOCK_L
-    for i in range(tl.cdiv(tl.minimum(length - start, TILES * BLOCK_L), BLOCK_L)):  # the tiles inside L
-        t = start + i * BLOCK_L + tl.arange(0, BLOCK_L)
-        dx = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
-        for j in tl.static_range(WIDTH):
-            tj = t + j  # dx_t takes dpre_{t+j} through w_{W-1-j}
-            mj = (tj < length)[:, None] & mask_d[None, :]
-            dpre = tl.load(dout_ptr + g_row[None, :] + tj[:, None] * sg_l, mask=mj, other=0.0)
-            dpre = dpre.to(tl.float32)
-            if SILU:
-                pre = _pre_activation(x_ptr, x_row, init_ptr, init_row, w_ptr, offs_d, mask_d, bias, tj, length,
-                                      sx_l, si_l, WIDTH, HAS_BIAS, HAS_INIT, BLOCK_L, BLOCK_D)
-                sig = tl.sigmoid(pre)
-                dpre = dpre * sig * (1.0 + pre * (1.0 - sig))  # silu'(p) = sig(p) (1 + p (1 - sig(p)))
-            wj = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-            dx += wj[None, :] * dpre
-            if j == 0:  # the tile's own steps: its share of dweight and dbias
-                if HAS_BIAS:
-                    dbias += tl.sum(dpre, axis=0)
-                for k in tl.static_range(WIDTH):
-                    pos = t - (WIDTH - 1) + k
-                    m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
-                    xv = tl.load(x_ptr + x_row[None, :] + pos[:, None] * sx_l, mask=m, other=0.0)
-                    xv = xv.to(tl.float32)
-                    if HAS_INIT:
-                        mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
-                        iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1)[:, None] * si_l,
-                                     mask=mi, other=0.0)
-                        xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
-                    dwk = tl.sum(dpre * xv, axis=0)  # (BD,)
-                    dw += tl.where(offs_w[None, :] == k, dwk[:, None], 0.0)
-        mask = (t < length)[:, None] & mask_d[None, :]
-        tl.store(dx_ptr + dx_row[None, :] + t[:, None] * sdx_l, dx.to(dx_ptr.dtype.element_ty),
-                 mask=mask)
+    start = pid_l * TILES * S
+    for i in range(tl.cdiv(tl.minimum(length - start, TILES * S), S)):  # the tiles inside L
+        t = start + i * S + offs_t
+        # inputs at the W shifts: xk = x_{t-(W-1)+k}; pre = bias + sum_k w_k xk
+        x0 = _x_shifted(x_ptr, x_row, init_ptr, init_row, t, WIDTH - 1, length, mask_d, sx_l, si_l, WIDTH, HAS_INIT)
+        pre = bias[None, :] + w0[None, :] * x0
+        if WIDTH > 1:
+            x1 = _x_shifted(x_ptr, x_row, init_ptr, init_row, t, WIDTH - 2, length, mask_d, sx_l, si_l, WIDTH, HAS_INIT)
+            pre += w1[None, :] * x1
+        if WIDTH > 2:
+            x2 = _x_shifted(x_ptr, x_row, init_ptr, init_row, t, WIDTH - 3, length, mask_d, sx_l, si_l, WIDTH, HAS_INIT)
+            pre += w2[None, :] * x2
+        if WIDTH > 3:
+            x3 = _x_shifted(x_ptr, x_row, init_ptr, init_row, t, WIDTH - 4, length, mask_d, sx_l, si_l, WIDTH, HAS_INIT)
+            pre += w3[None, :] * x3
+        in_l = (t < length)[:, None] & mask_d[None, :]
+        dpre = tl.load(dout_ptr + g_row[None, :] + t[:, None] * sg_l, mask=in_l, other=0.0).to(tl.float32)
+        if SILU:
+            sig = tl.sigmoid(pre)
+            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))  # silu'(p) = sig(p) (1 + p (1 - sig(p))); 0 past L
+        # dx_t = sum_j w_{W-1-j} dpre_{t+j}: w_{W-1} dpre_t, then the later steps gathered from the tile
+        if WIDTH == 1:
+            dx = w0[None, :] * dpre
+        elif WIDTH == 2:
+            dx = w1[None, :] * dpre + w0[None, :] * _later(dpre, offs_t, 1, BLOCK_L, BLOCK_D)
+        elif WIDTH == 3:
+            dx = (w2[None, :] * dpre + w1[None, :] * _later(dpre, offs_t, 1, BLOCK_L, BLOCK_D)
+                  + w0[None, :] * _later(dpre, offs_t, 2, BLOCK_L, BLOCK_D))
+        else:
+            dx = (w3[None, :] * dpre + w2[None, :] * _later(dpre, offs_t, 1, BLOCK_L, BLOCK_D)
+                  + w1[None, :] * _later(dpre, offs_t, 2, BLOCK_L, BLOCK_D)
+                  + w0[None, :] * _later(dpre, offs_t, 3, BLOCK_L, BLOCK_D))
+        owned = (offs_t < S)[:, None] & in_l
+        tl.store(dx_ptr + dx_row[None, :] + t[:, None] * sdx_l, dx.to(dx_ptr.dtype.element_ty), mask=owned)
+        # this tile's share of dweight and dbias: its owned steps
+        dpre = tl.where(owned, dpre, 0.0)
+        if HAS_BIAS:
+            dbias += tl.sum(dpre, axis=0)
+        dw += tl.where(offs_w[None, :] == 0, tl.sum(dpre * x0, axis=0)[:, None], 0.0)
+        if WIDTH > 1:
+            dw += tl.where(offs_w[None, :] == 1, tl.sum(dpre * x1, axis=0)[:, None], 0.0)
+        if WIDTH > 2:
+            dw += tl.where(offs_w[None, :] == 2, tl.sum(dpre * x2, axis=0)[:, None], 0.0)
+        if WIDTH > 3:
+            dw += tl.where(offs_w[None, :] == 3, tl.sum(dpre * x3, axis=0)[:, None], 0.0)
 
     part = pid_b * n_lblocks + pid_l  # this program's row of partial sums
     tl.store(dw_ptr + (part * dim + d64)[:, None] * WIDTH_P2 + offs_w[None, :], dw, mask=mask_d[:, None])
     if HAS_BIAS:
         tl.store(dbias_ptr + part * dim + d64, dbias, mask=mask_d)
+
+
+@triton.jit
+def _later(v, offs_t, j: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    # v[t + j] along the tile's time axis (clamped at its end: only halo rows read past it, and they are not owned)
+    idx = tl.minimum(offs_t + j, BLOCK_L - 1)
+    return tl.gather(v, tl.broadcast_to(idx[:, None], (BLOCK_L, BLOCK_D)), axis=0)
 
 
 def _grid(batch: int, dim: int, length: int, block_l: int, block_d: int):
@@ -227,12 +276,13 @@ class _CausalConv1dTritonFn(torch.autograd.Function):
         batch, dim, length = x.shape
         width = w.shape[1]
         width_p2 = triton.next_power_of_2(width)
-        n_lblocks = triton.cdiv(length, _BWD_BLOCK_L * _BWD_TILES)
+        steps = _BWD_BLOCK_L - (width - 1)  # steps a tile owns
+        n_lblocks = triton.cdiv(length, steps * _BWD_TILES)
         dx = empty_in_layout(x)
         dw = x.new_empty((batch * n_lblocks, dim, width_p2), dtype=torch.float32)
         db = x.new_empty((batch * n_lblocks, dim), dtype=torch.float32) if b is not None else None
         with _on_device(x):
-            _conv_bwd_kernel[_grid(batch, dim, length, _BWD_BLOCK_L * _BWD_TILES, _BWD_BLOCK_D)](
+            _conv_bwd_kernel[_grid(batch, dim, length, steps * _BWD_TILES, _BWD_BLOCK_D)](
                 x, w, b, init, dout, dx, dw, db, dim, length, n_lblocks, *_strides(x, init, dout, dx),
                 WIDTH=width, WIDTH_P2=width_p2, HAS_BIAS=b is not None, HAS_INIT=init is not None,
                 SILU=ctx.activation is not None, BLOCK_L=_BWD_BLOCK_L, BLOCK_D=_BWD_BLOCK_D, TILES=_BWD_TILES,

@@ -49,7 +49,8 @@ SCAN_CASES = {
 
 # (B, D, L, W, bias, initial_states, activation, dtype, layout of x). Here the conv's tiles are 128 channels (64 in
 # the backward) by 32 steps, a backward program walks 2 tiles: L = 70 and D = 130 span several tiles and programs
-# (conv halos across tiles and programs, dweight/dbias partial sums from several programs, a partial tile).
+# (conv halos across tiles and programs: tiles overlap by W-1 steps; dweight/dbias partial sums from several
+# programs, a partial tile).
 CONV_CASES = {
     "W4_silu_bias_init_L70_D130": (2, 130, 70, 4, True, True, "silu", "float32", "slice"),
     "W4_silu_bias_L37": (2, 6, 37, 4, True, False, "silu", "float32", "slice"),
