@@ -5,7 +5,8 @@ API and MLflow's client.
 One run serves both tests: the params have a working quantize method (`int4`, RTN) and one that passes
 validation but fails at quantization time (`head`: GPTQ of the LM head, which is tied to the embeddings in the
 tiny preset; GPTQ refuses to untie them). Each flow step is a fresh Python process importing torch and
-moai_lib, so the run takes minutes of CPU, not seconds.
+moai_lib, so the run takes minutes of CPU, not seconds: it is started in the background as soon as the tests are
+collected, and this module's tests run last (conftest.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -61,39 +66,100 @@ def _env(base: Path, **extra) -> dict[str, str]:
             "MOAI_PIPELINE_ID": "", **extra}
 
 
+def _shared_base(basetemp: Path) -> Path:
+    """The session's temp dir, common to all pytest-xdist workers (each worker's own is a `popen-gwN` in it)."""
+    return basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+
+
+def start_in_background(basetemp: Path, items=None) -> subprocess.Popen | None:
+    """Start the session's one run of the flow (`_run_flow`, this file run as a script) in a process of its own,
+    unless a test process of this session (an xdist worker) already has. conftest.py calls this with this
+    module's selected tests as soon as the tests are collected, so the run goes on while the workers run the rest
+    of the suite; this module's tests run last and only read it. Returns the process, or None where it was
+    already started or no selected test needs it."""
+    from filelock import FileLock
+
+    if items is not None and not any("flow_run" in item.fixturenames for item in items):
+        return None
+
+    shared = _shared_base(basetemp)
+    base = shared / "moai_flow"
+    with FileLock(str(shared / "moai_flow.lock")):
+        if base.exists():
+            return None
+        base.mkdir()
+        with open(base / "launcher.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, __file__, str(base)], stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=REPO, start_new_session=True)
+        (base / "launcher.pid").write_text(str(proc.pid))
+        return proc
+
+
+def _run_flow(base: Path) -> None:
+    """The launcher process: one run of the flow with Metaflow's Runner, its outcome in `base`/run.json."""
+    env = _env(base)
+    os.environ.update(env)  # Metaflow reads its settings when imported: set them for this process too
+    from metaflow import Runner, namespace
+
+    namespace(None)
+    result = {"status": "not started"}
+    try:
+        work, params, uri = _launch_dir(base, METHODS)
+        result.update(uri=uri, params=params)
+        with Runner(str(FLOW), pylint=False, show_output=False, cwd=str(work), env=env).run(
+                max_workers=2) as running:
+            result.update(status=running.status, stdout=running.stdout, stderr=running.stderr)
+            if running.status == "successful":
+                result["pathspec"] = running.run.pathspec
+        result["step_files_left"] = [str(p) for p in (base / "steps").rglob("*") if p.is_file()]
+    except BaseException:
+        result["error"] = traceback.format_exc()
+        raise
+    finally:
+        (base / "run.json.tmp").write_text(json.dumps(result))
+        (base / "run.json.tmp").replace(base / "run.json")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` is running (a zombie, dead but not yet reaped by the worker that started it, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory):
     """(Metaflow Run, tracking URI, params dict, stdout) of one finished run of the flow on the tiny profile.
 
-    The run is made once per test session, also under pytest-xdist: the first worker runs the flow (under a
-    file lock in the session's shared temp dir), the others read the same run through the Client API."""
-    from filelock import FileLock
-
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the session's base, common to all workers
-    base = shared / "moai_flow"
-    env = _env(base)
-    # Metaflow reads its settings when imported: set them for this process (the Client) as well as for the run.
+    The run is made once per test session, also under pytest-xdist: started in the background when the tests are
+    collected (`start_in_background`; here, if nothing started it yet), waited for here, in whichever worker gets
+    this module, and read through the Client API."""
+    basetemp = tmp_path_factory.getbasetemp()
+    start_in_background(basetemp)
+    base = _shared_base(basetemp) / "moai_flow"
+    done, deadline = base / "run.json", time.monotonic() + 1800
+    while not done.exists():
+        log = (base / "launcher.log").read_text()[-5000:]
+        assert _alive(int((base / "launcher.pid").read_text())), f"the flow launcher died:\n{log}"
+        assert time.monotonic() < deadline, f"the flow run took over 30 minutes:\n{log}"
+        time.sleep(1)
+    info = json.loads(done.read_text())
+    assert info["status"] == "successful", (info.get("error", "") + info.get("stderr", "")[-5000:]
+                                            + info.get("stdout", "")[-5000:])
+    assert not info["step_files_left"], "step roots left behind"
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
+        for key, value in _env(base).items():
             mp.setenv(key, value)
-        from metaflow import Run, Runner, metadata, namespace
+        from metaflow import Run, metadata, namespace
 
         namespace(None)
-        with FileLock(str(shared / "moai_flow.lock")):
-            done = base / "run.json"
-            if not done.exists():
-                base.mkdir()
-                work, params, uri = _launch_dir(base, METHODS)
-                with Runner(str(FLOW), pylint=False, show_output=False, cwd=str(work), env=env).run(
-                        max_workers=2) as running:
-                    assert running.status == "successful", running.stderr[-5000:] + running.stdout[-5000:]
-                    stdout = running.stdout
-                    done.write_text(json.dumps({"pathspec": running.run.pathspec, "uri": uri, "params": params,
-                                                "stdout": stdout}))
-                assert not any(p.is_file() for p in (base / "steps").rglob("*")), "step roots left behind"
-        info = json.loads(done.read_text())
         metadata(f"local@{base / 'metaflow'}")  # metaflow may have been imported before the env was set
         yield Run(info["pathspec"]), info["uri"], info["params"], info["stdout"]
 
@@ -182,9 +248,6 @@ def test_a_failing_quantize_method_is_caught_and_the_run_goes_on(flow_run):
 def test_the_code_package_ships_moai_lib_and_the_local_inputs(tmp_path):
     """What `--with kubernetes/batch` uploads: moai_lib (with the C++ scan source) and the input files the
     params name (corpus glob, SOURCES.md), but nothing above the launch directory."""
-    import subprocess
-    import sys
-
     (tmp_path / "corpus").mkdir()
     for name in ("a.jsonl", "b.jsonl", "SOURCES.md"):
         (tmp_path / "corpus" / name).write_text('{"text": "hello"}\n')
@@ -211,9 +274,6 @@ def test_the_code_package_ships_moai_lib_and_the_local_inputs(tmp_path):
 def test_the_flow_moves_its_data_through_an_s3_datastore(tmp_path):
     """The same flow with Metaflow's S3 datastore on a local S3 server (moto): every artifact, the stage outputs
     included, goes through S3, as when the steps run on different machines (`--with kubernetes/batch`)."""
-    import subprocess
-    import sys
-
     boto3 = pytest.importorskip("boto3")
     from moto.server import ThreadedMotoServer
 
@@ -249,9 +309,6 @@ def test_a_preempted_pretrain_step_is_retried_and_resumes_from_its_checkpoint(tm
     stops, the stage fails, Metaflow's @retry runs the task again in the same step root, and training resumes
     from the checkpoint instead of starting over."""
     import signal
-    import subprocess
-    import sys
-    import time
 
     work, params, _ = _launch_dir(tmp_path, {"int4": METHODS["int4"]})
     params["pretrain"].update(max_steps=120, save_every=4)
@@ -295,3 +352,7 @@ def test_a_preempted_pretrain_step_is_retried_and_resumes_from_its_checkpoint(tm
         assert task.current_attempt == 1  # the second attempt finished the step
         metrics = run["pretrain_join"].task.data.metrics
         assert metrics["completed"] and metrics["step"] == 120 and metrics["resumed_from_step"] >= 4
+
+
+if __name__ == "__main__":
+    _run_flow(Path(sys.argv[1]))
