@@ -74,25 +74,32 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 
 
 @triton.jit
+def _x_shifted(x_ptr, x_row, init_ptr, init_row, t, shift, length, mask_d, sx_l, si_l,
+               WIDTH: tl.constexpr, HAS_INIT: tl.constexpr):
+    # x_{t - shift} for a (T, BD) tile of times t, fp32; before step 0 from initial_states (the W-1 inputs before
+    # x, cast to x's dtype first, as the reference does), else 0.
+    pos = t - shift
+    m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
+    xv = tl.load(x_ptr + x_row[None, :] + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
+    if HAS_INIT:
+        mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
+        iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1)[:, None] * si_l, mask=mi, other=0.0)
+        xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return xv
+
+
+@triton.jit
 def _pre_activation(x_ptr, x_row, init_ptr, init_row, w_ptr, offs_d, mask_d, bias, t, length, sx_l, si_l,
                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr,
                     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    # pre_t = bias + sum_k w_k x_{t-W+1+k} for a (T, BD) tile of times t; x_{<0} from initial_states (cast to x's
-    # dtype first, as the reference does), else 0. Returns the pre-activation, fp32.
+    # pre_t = bias + sum_k w_k x_{t-W+1+k} for a (T, BD) tile of times t (`_x_shifted`). Returns it in fp32.
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
     if HAS_BIAS:
         acc += bias[None, :]
     for k in tl.static_range(WIDTH):
         wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-        pos = t - (WIDTH - 1) + k  # (T,)
-        m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
-        xv = tl.load(x_ptr + x_row[None, :] + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
-        if HAS_INIT:
-            mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
-            iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1)[:, None] * si_l, mask=mi,
-                         other=0.0)
-            xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc += wk[None, :] * xv
+        acc += wk[None, :] * _x_shifted(x_ptr, x_row, init_ptr, init_row, t, WIDTH - 1 - k, length, mask_d,
+                                        sx_l, si_l, WIDTH, HAS_INIT)
     return acc
 
 
@@ -123,21 +130,6 @@ def _conv_fwd_kernel(
     mask = (t < length)[:, None] & mask_d[None, :]
     o_ptr = out_ptr + (offs_d * so_d)[None, :] + t[:, None] * so_l
     tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _x_shifted(x_ptr, x_row, init_ptr, init_row, t, shift, length, mask_d, sx_l, si_l,
-               WIDTH: tl.constexpr, HAS_INIT: tl.constexpr):
-    # x_{t - shift} for a (T, BD) tile of times t, fp32; before step 0 from initial_states (the W-1 inputs before
-    # x, cast to x's dtype first, as the reference does), else 0.
-    pos = t - shift
-    m = ((pos >= 0) & (pos < length))[:, None] & mask_d[None, :]
-    xv = tl.load(x_ptr + x_row[None, :] + pos[:, None] * sx_l, mask=m, other=0.0).to(tl.float32)
-    if HAS_INIT:
-        mi = ((pos < 0) & (t < length))[:, None] & mask_d[None, :]
-        iv = tl.load(init_ptr + init_row[None, :] + (pos + WIDTH - 1)[:, None] * si_l, mask=mi, other=0.0)
-        xv += iv.to(x_ptr.dtype.element_ty).to(tl.float32)
-    return xv
 
 
 @triton.jit
